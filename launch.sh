@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One entry for every job:  bash launch.sh <job> [--config PATH] [key=value ...]
+#   jobs: teacher distill prune interpolator bench quickstart test
+# Training jobs run under `accelerate launch` with configs/accelerate/$FP_ACCELERATE.yaml
+# (default: single, one CPU or GPU process). Examples:
+#   bash launch.sh teacher                                   # tiny teacher on CPU, embedded default
+#   FP_ACCELERATE=ddp_2cpu bash launch.sh distill            # 2-process gloo DDP on CPU
+#   FP_ACCELERATE=deepspeed_zero2 bash launch.sh distill --config configs/distill/aniportrait_4step.yaml
+set -euo pipefail
+cd "$(dirname "$0")"
+job="${1:-}"
+if [[ -z "$job" ]]; then
+  sed -n '2,8p' "$0"; exit 2
+fi
+shift
+acc_cfg="configs/accelerate/${FP_ACCELERATE:-single}.yaml"
+train_job() {
+  if [[ ! -f "$acc_cfg" ]]; then
+    echo "error: accelerate config $acc_cfg not found (FP_ACCELERATE=${FP_ACCELERATE:-}); choose one of: $(ls configs/accelerate | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+    exit 2
+  fi
+  if [[ "$acc_cfg" == *cpu* ]]; then export ACCELERATE_USE_CPU=1; fi
+  exec accelerate launch --config_file "$acc_cfg" "train/$1.py" "${@:2}"
+}
+case "$job" in
+  teacher|distill|prune|interpolator)
+    if [[ ! -f "train/$job.py" ]]; then echo "error: train/$job.py is not implemented yet (see the open issues)" >&2; exit 2; fi
+    train_job "$job" "$@" ;;
+  bench) exec python -m infer.benchmark "$@" ;;
+  quickstart)
+    if [[ ! -f scripts/quickstart.sh ]]; then echo "error: the quickstart is not implemented yet (see the open issues)" >&2; exit 2; fi
+    exec bash scripts/quickstart.sh "$@" ;;
+  test) exec python -m pytest -q "$@" ;;
+  *) echo "error: unknown job '$job' (teacher distill prune interpolator bench quickstart test)" >&2; exit 2 ;;
+esac

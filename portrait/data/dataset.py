@@ -1,0 +1,395 @@
+"""The fastportrait clip dataset: schema, writer, split assignment and the training loader.
+
+A dataset is a Hugging Face ``DatasetDict`` saved with ``save_to_disk``, one row per clip:
+
+    frames     Array4D (F, H, W, 3) uint8   RGB video frames
+    landmarks  Array3D (F, 68, 2)   float32 iBUG-68 (x, y) pixels (see portrait.data.landmarks)
+    pose       Array4D (F, H, W, 3) uint8   pose drawings of the landmarks (portrait.data.pose)
+    identity   int64                        person id; splits never share an identity
+    fps        float32                      frame rate of the stored frames
+    source     string                       where the clip came from (generator seed / video path)
+
+``F``, ``H`` and ``W`` are fixed per dataset. Splits are "train", "val" and "test".
+
+Reading: ``datasets``' torch format turns uint8 arrays into int64 (measured, 8x the memory), so
+``ClipDataset`` reads rows as Arrow and views the uint8 buffers as numpy without a copy, then
+copies out only the frames it samples.
+
+Use::
+
+    train = ClipDataset("data/synthetic64", "train", num_frames=16, strides=(1, 4), seed=0)
+    loader = torch.utils.data.DataLoader(train, batch_size=4, shuffle=True, collate_fn=collate_clips)
+    # per epoch, before iterating: train.set_epoch(epoch)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+
+from portrait.data.landmarks import NUM_LANDMARKS
+
+FEATURE_NAMES = ("frames", "landmarks", "pose", "identity", "fps", "source")
+SPLITS = ("train", "val", "test")
+REFERENCE_MODES = ("random", "first", "window")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+
+
+def clip_features(num_frames: int, height: int, width: int) -> datasets.Features:
+    """The ``datasets.Features`` of a dataset of ``(num_frames, height, width)`` clips."""
+    return datasets.Features({
+        "frames": datasets.Array4D((num_frames, height, width, 3), "uint8"),
+        "landmarks": datasets.Array3D((num_frames, NUM_LANDMARKS, 2), "float32"),
+        "pose": datasets.Array4D((num_frames, height, width, 3), "uint8"),
+        "identity": datasets.Value("int64"),
+        "fps": datasets.Value("float32"),
+        "source": datasets.Value("string"),
+    })
+
+
+def check_features(features: datasets.Features, where: str = "dataset") -> tuple[int, int, int]:
+    """Raise ``ValueError`` unless ``features`` is the fastportrait schema; return ``(F, H, W)``."""
+    missing = [k for k in FEATURE_NAMES if k not in features]
+    if missing:
+        raise ValueError(
+            f"{where} is not a fastportrait dataset: missing feature(s) {missing}; it has {sorted(features)}. "
+            "Make one with `python -m portrait.data.synthetic` or `python -m portrait.data.videos`.")
+    frames, lmk, pose = features["frames"], features["landmarks"], features["pose"]
+    if not (isinstance(frames, datasets.Array4D) and isinstance(pose, datasets.Array4D)
+            and isinstance(lmk, datasets.Array3D)):
+        raise ValueError(f"{where}: frames/pose must be Array4D and landmarks Array3D, got {features}")
+    f, h, w, c = frames.shape
+    if c != 3 or tuple(pose.shape) != (f, h, w, 3) or tuple(lmk.shape) != (f, NUM_LANDMARKS, 2):
+        raise ValueError(f"{where}: inconsistent shapes frames {frames.shape}, pose {pose.shape}, "
+                         f"landmarks {lmk.shape}")
+    if frames.dtype != "uint8" or pose.dtype != "uint8":
+        raise ValueError(f"{where}: frames/pose must be uint8, got {frames.dtype}/{pose.dtype}")
+    return f, h, w
+
+
+def stable_id(*parts: object) -> int:
+    """A 63-bit non-negative id from any printable parts (blake2b), stable across runs and platforms.
+
+    Identities are ``stable_id(namespace, seed, index)`` so that different seeds give disjoint
+    identity sets (collision odds ~ n^2 / 2^64).
+    """
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def split_counts(num_identities: int, fractions: Sequence[float]) -> list[int]:
+    """Identities per split by largest remainder, giving every split with a positive fraction at
+    least one identity when there are enough of them (train first, then val, then test)."""
+    fr = np.asarray(fractions, dtype=np.float64)
+    if fr.ndim != 1 or np.any(fr < 0) or fr.sum() <= 0:
+        raise ValueError(f"split fractions must be non-negative with a positive sum, got {fractions}")
+    fr = fr / fr.sum()
+    raw = fr * num_identities
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: num_identities - counts.sum()]:
+        counts[i] += 1
+    # Move identities from the largest split into empty positive-fraction splits, if possible.
+    for i in np.flatnonzero((counts == 0) & (fr > 0)):
+        j = int(np.argmax(counts))
+        if counts[j] > 1:
+            counts[j] -= 1
+            counts[i] += 1
+    return counts.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def _nested_list_array(values: np.ndarray, shape: tuple[int, ...], ext_type: pa.ExtensionType) -> pa.Array:
+    """Wrap ``values`` ``(N, *shape)`` as the nested-list storage of a datasets ArrayXD column (one copy)."""
+    n = values.shape[0]
+    arr = pa.array(np.ascontiguousarray(values).reshape(-1))
+    # Innermost list first: each level groups `dim` children; offsets are per level.
+    counts = [n]
+    for d in shape[:-1]:
+        counts.append(counts[-1] * d)
+    for level in range(len(shape) - 1, -1, -1):
+        num_lists = counts[level]
+        offsets = pa.array(np.arange(num_lists + 1, dtype=np.int32) * shape[level])
+        arr = pa.ListArray.from_arrays(offsets, arr)
+    return pa.ExtensionArray.from_storage(ext_type, arr)
+
+
+def clips_to_record_batch(clips: Sequence[dict], features: datasets.Features) -> pa.RecordBatch:
+    """Stack clip dicts (keys = ``FEATURE_NAMES``) into one Arrow record batch of the schema."""
+    schema = features.arrow_schema
+    cols = []
+    for name in schema.names:
+        field_type = schema.field(name).type
+        if name in ("frames", "pose", "landmarks"):
+            feat = features[name]
+            stacked = np.stack([np.asarray(c[name], dtype=feat.dtype) for c in clips])
+            if stacked.shape[1:] != tuple(feat.shape):
+                raise ValueError(f"{name}: clip shape {stacked.shape[1:]} != schema {feat.shape}")
+            cols.append(_nested_list_array(stacked, tuple(feat.shape), field_type))
+        else:
+            cols.append(pa.array([c[name] for c in clips], type=field_type))
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+class SplitWriter:
+    """Streams clips into per-split Arrow files, then saves a ``DatasetDict`` with ``save_to_disk``.
+
+    Memory stays at ``batch_clips`` clips whatever the dataset size. Arrow list offsets are int32,
+    so a batch must hold < 2^31 values: 64 clips of 16x512x512x3 is 805M, fine.
+    """
+
+    def __init__(self, scratch_dir: str | os.PathLike, features: datasets.Features,
+                 splits: Sequence[str] = SPLITS, batch_clips: int = 64):
+        self.features = features
+        self.schema = features.arrow_schema
+        self.batch_clips = batch_clips
+        self.scratch = Path(scratch_dir)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self._buffers: dict[str, list[dict]] = {s: [] for s in splits}
+        self._sinks = {s: pa.OSFile(str(self.scratch / f"{s}.arrow"), "wb") for s in splits}
+        self._writers = {s: pa.ipc.new_stream(self._sinks[s], self.schema) for s in splits}
+        self.counts = {s: 0 for s in splits}
+        self.identities: dict[str, set[int]] = {s: set() for s in splits}
+
+    def add(self, split: str, clip: dict) -> None:
+        self._buffers[split].append(clip)
+        self.counts[split] += 1
+        self.identities[split].add(int(clip["identity"]))
+        if len(self._buffers[split]) >= self.batch_clips:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        if self._buffers[split]:
+            self._writers[split].write_batch(clips_to_record_batch(self._buffers[split], self.features))
+            self._buffers[split] = []
+
+    def save(self, out_dir: str | os.PathLike) -> datasets.DatasetDict:
+        """Close the scratch files and write the ``DatasetDict`` to ``out_dir`` (then drop the scratch)."""
+        for s in self._writers:
+            self._flush(s)
+            self._writers[s].close()
+            self._sinks[s].close()
+        info = datasets.DatasetInfo(features=self.features)
+        dd = datasets.DatasetDict({
+            s: datasets.Dataset.from_file(str(self.scratch / f"{s}.arrow"), info=info.copy(),
+                                          split=datasets.NamedSplit(s))
+            for s in self._writers})
+        # The per-split "Saving the dataset" bars would drown the builder's own progress bar.
+        was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            dd.save_to_disk(str(out_dir))
+        finally:
+            if was_enabled:
+                datasets.enable_progress_bars()
+        del dd
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return datasets.load_from_disk(str(out_dir))
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out_dir`` that is renamed onto it only on success.
+
+    A crash or Ctrl-C leaves ``out_dir`` untouched (the ``.tmp-*`` directory is removed). With
+    ``overwrite`` an existing ``out_dir`` is replaced; without it, an existing non-empty one is an error.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise PermissionError(f"cannot write next to {out}: {e}") from e
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_split(path: str | os.PathLike, split: str) -> datasets.Dataset:
+    """Load one split of a saved fastportrait ``DatasetDict``, with errors that say what is wrong.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a saved DatasetDict, or its features are not the fastportrait schema.
+        KeyError: the split is absent (the message lists the present ones).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"dataset path {p} does not exist")
+    if not (p / "dataset_dict.json").is_file():
+        raise ValueError(
+            f"{p} is not a fastportrait dataset (no dataset_dict.json; expected a DatasetDict saved with "
+            "save_to_disk, e.g. by `python -m portrait.data.synthetic --out DIR`)")
+    try:
+        dd = datasets.load_from_disk(str(p))
+    except Exception as e:  # datasets raises several types for corrupt folders
+        raise ValueError(f"{p} could not be loaded as a DatasetDict: {e}") from e
+    if split not in dd:
+        raise KeyError(f"split {split!r} not in {p}; available: {sorted(dd)}")
+    ds = dd[split]
+    check_features(ds.features, where=f"{p}[{split}]")
+    return ds
+
+
+def _column_numpy(row: pa.Table, name: str) -> np.ndarray:
+    """A one-row Arrow table's ArrayXD column as a zero-copy numpy view ``(*shape)`` in its stored dtype."""
+    col = row.column(name)
+    chunk = col.chunks[0] if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
+    storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    shape = chunk.type.shape
+    for _ in shape:
+        storage = storage.flatten()
+    return storage.to_numpy(zero_copy_only=True).reshape(shape)
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Training windows from a fastportrait split, sampled like AniPortrait stage 2.
+
+    Item ``i`` is clip ``i`` of the split with a random stride from ``strides`` (among those whose
+    window fits), a random start, and a reference frame. All randomness comes from
+    ``np.random.default_rng([seed, epoch, i])``, so the same (seed, epoch, index) gives the same
+    sample in any worker, on any rank, after any resume. Call ``set_epoch`` each epoch.
+
+    Sample (all torch tensors; images stay uint8, the training code converts to float)::
+
+        target        (F, 3, H, W) uint8    the sampled frames
+        pose          (F, 3, H, W) uint8    their pose images
+        landmarks     (F, 68, 2)   float32  their landmarks, pixels
+        ref_frame     (3, H, W)    uint8    reference image
+        ref_pose      (3, H, W)    uint8    its pose image
+        ref_landmarks (68, 2)      float32
+        frame_indices (F,)         int64    indices into the stored clip
+        ref_index     ()           int64
+        stride        ()           int64
+        fps           ()           float32  frame rate of the sampled window (stored fps / stride)
+        identity      ()           int64
+        index         ()           int64    item index
+
+    ``F = num_frames``; stage 1 uses ``num_frames=1`` and keeps the ``F`` axis.
+
+    Args:
+        data: a ``datasets.Dataset`` of the schema, or the path of a saved DatasetDict.
+        split: split name, used when ``data`` is a path.
+        num_frames: frames per sample.
+        strides: allowed frame strides, drawn uniformly among those that fit the clip
+            (AniPortrait: stride 1, or 4 as augmentation -> ``(1, 4)``).
+        reference: "random" = any frame of the stored clip, "first" = its frame 0,
+            "window" = a random frame of the sampled window.
+        seed: base seed.
+    """
+
+    def __init__(self, data: datasets.Dataset | str | os.PathLike, split: str = "train", num_frames: int = 16,
+                 strides: Sequence[int] = (1,), reference: str = "random", seed: int = 0):
+        ds = data if isinstance(data, datasets.Dataset) else load_split(data, split)
+        self.clip_frames, self.height, self.width = check_features(ds.features)
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
+        strides = tuple(int(s) for s in strides)
+        if not strides or min(strides) < 1:
+            raise ValueError(f"strides must be positive integers, got {strides}")
+        self.strides = tuple(s for s in strides if (num_frames - 1) * s + 1 <= self.clip_frames)
+        if not self.strides:
+            raise ValueError(f"no stride in {strides} fits {num_frames} frames into clips of "
+                             f"{self.clip_frames} frames")
+        self.num_frames = num_frames
+        self.reference = reference
+        self.seed = int(seed)
+        self.epoch = 0
+        # Arrow format: rows come back as pyarrow tables over the memory-mapped files (no decoding).
+        self._rows = ds.with_format("arrow")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def sample_indices(self, index: int) -> tuple[np.ndarray, int, int]:
+        """The ``(frame_indices (F,), ref_index, stride)`` item ``index`` draws this epoch."""
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        stride = int(self.strides[rng.integers(len(self.strides))])
+        span = (self.num_frames - 1) * stride + 1
+        start = int(rng.integers(0, self.clip_frames - span + 1))
+        frame_idx = start + stride * np.arange(self.num_frames)
+        if self.reference == "random":
+            ref = int(rng.integers(self.clip_frames))
+        elif self.reference == "first":
+            ref = 0
+        else:
+            ref = int(frame_idx[rng.integers(self.num_frames)])
+        return frame_idx, ref, stride
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} clips")
+        row = self._rows[int(index)]
+        frames = _column_numpy(row, "frames")
+        pose = _column_numpy(row, "pose")
+        lmk = _column_numpy(row, "landmarks")
+        frame_idx, ref, stride = self.sample_indices(index)
+
+        def chw(x: np.ndarray) -> torch.Tensor:  # (..., H, W, 3) -> (..., 3, H, W), copied out of Arrow
+            return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))
+
+        fps = row.column("fps")[0].as_py()
+        return {
+            "target": chw(frames[frame_idx]),
+            "pose": chw(pose[frame_idx]),
+            "landmarks": torch.from_numpy(lmk[frame_idx].copy()),
+            "ref_frame": chw(frames[ref]),
+            "ref_pose": chw(pose[ref]),
+            "ref_landmarks": torch.from_numpy(lmk[ref].copy()),
+            "frame_indices": torch.from_numpy(frame_idx.astype(np.int64)),
+            "ref_index": torch.tensor(ref, dtype=torch.int64),
+            "stride": torch.tensor(stride, dtype=torch.int64),
+            "fps": torch.tensor(fps / stride, dtype=torch.float32),
+            "identity": torch.tensor(row.column("identity")[0].as_py(), dtype=torch.int64),
+            "index": torch.tensor(int(index), dtype=torch.int64),
+        }
+
+
+def collate_clips(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack samples along a new batch axis, keeping every dtype (uint8 images stay uint8).
+
+    ``target``/``pose`` become ``(B, F, 3, H, W)``, ``ref_frame``/``ref_pose`` ``(B, 3, H, W)``,
+    ``landmarks`` ``(B, F, 68, 2)``, scalars ``(B,)``.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+
