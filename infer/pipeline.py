@@ -67,7 +67,7 @@ def to_float_images(x, size: tuple[int, int] | None = None) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype != np.uint8:
             raise ValueError(f"image arrays must be uint8 (H, W, 3), got {x.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = torch.from_numpy(np.array(x, copy=True))  # decoded frames may be read-only
         if t.ndim == 3:
             t = t[None]
         if t.ndim != 4 or t.shape[-1] not in (1, 3, 4):

@@ -137,6 +137,9 @@ class CheckpointMismatchError(ValueError):
             src = origins.get(k)
             return f"{k} (file key {src})" if src and src != k else k
 
+        if not (self.missing or self.unexpected or self.mismatched):
+            super().__init__(f"{what}: {note}")
+            return
         lines = [
             (
                 f"{what}: state dict does not match the model ({len(self.missing)} missing, "
@@ -619,6 +622,15 @@ def read_aniportrait_dir(src: str | Path, *, load: bool = True, hash_files: bool
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _read_folder(path: Path, what: str, reader: Callable[..., Any], **kwargs) -> Any:
+    """``reader(path, **kwargs)`` for a diffusers/transformers folder; failures become :class:`CheckpointReadError`."""
+    try:
+        return reader(path, **kwargs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointReadError(f"cannot read the {what} folder {path}: {type(e).__name__}: {first}\n{EXPECTED_LAYOUT}") from e
+
+
 def _check_loading_info(info: Mapping[str, Any], what: str) -> None:
     """Turn a diffusers/transformers ``output_loading_info`` into our strictness policy.
 
@@ -633,6 +645,36 @@ def _check_loading_info(info: Mapping[str, Any], what: str) -> None:
         raise CheckpointMismatchError(what, missing=missing, mismatched=mism)
     if info.get("unexpected_keys"):
         log.warning("%s: ignoring unexpected weights %s", what, sorted(info["unexpected_keys"])[:_MAX_LISTED])
+
+
+def check_components_fit(unet2d_cfg: Mapping[str, Any], pg_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any],
+                         image_encoder_cfg: Any, src: str | Path = "") -> None:
+    """Raise :class:`CheckpointMismatchError` if the parts of the folder cannot work together.
+
+    Each file can load strictly into its own module and the assembly still be wrong, e.g. an image encoder
+    whose projection (768 for ViT-L/14) is not the UNet's ``cross_attention_dim``. Checked:
+    pose features ``n * [1, 1, m1, m2, m3]`` = the UNet's block widths (they are added to its hidden states);
+    pose-guider downsampling ``2**num_downsamples`` = the VAE's factor (pose image -> latent grid);
+    VAE ``latent_channels`` = UNet ``in_channels``; CLIP ``projection_dim`` = ``cross_attention_dim``.
+    """
+    boc = list(unet2d_cfg["block_out_channels"])
+    n = pg_cfg["noise_latent_channels"]
+    problems = []
+    pose_widths = [n * m for m in pg_cfg.get("channel_mult", [1, 2, 4, 4])]
+    if pose_widths != boc:
+        problems.append(f"pose guider feature widths {pose_widths} ({POSE_GUIDER_FILE}) != UNet block_out_channels {boc}")
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    if 2 ** pg_cfg["num_downsamples"] != vae_factor:
+        problems.append(f"pose guider downsamples {2 ** pg_cfg['num_downsamples']}x but the VAE ({VAE_DIR}) {vae_factor}x")
+    if vae_cfg.get("latent_channels", 4) != unet2d_cfg["in_channels"]:
+        problems.append(f"VAE latent_channels {vae_cfg.get('latent_channels')} != UNet in_channels {unet2d_cfg['in_channels']}")
+    proj = getattr(image_encoder_cfg, "projection_dim", None)
+    if proj != unet2d_cfg["cross_attention_dim"]:
+        problems.append(f"image encoder projection_dim {proj} ({IMAGE_ENCODER_DIR}) != UNet cross_attention_dim "
+                        f"{unet2d_cfg['cross_attention_dim']} ({SD15_UNET_CONFIG})")
+    if problems:
+        raise CheckpointMismatchError(f"AniPortrait folder {src}", note="components do not fit together:\n  - "
+                                      + "\n  - ".join(problems))
 
 
 # AnimateDiff-v2 motion settings in portrait.models.unets' `motion` vocabulary (inference_v2.yaml).
@@ -674,14 +716,15 @@ def import_aniportrait(src: str | Path, dtype: torch.dtype = torch.float32, *, p
     Architectures come from the folder (UNet: ``stable-diffusion-v1-5/unet/config.json``; pose guider:
     :func:`pose_guider_config_from_state_dict`; VAE/image encoder: their own configs), so a tiny folder
     of the same layout imports into a tiny model. Every ``.pth`` is loaded with :func:`load_strict`;
-    floating tensors are cast to ``dtype`` (integer buffers are kept). The returned bundle's ``config``
-    (a ``ModelConfig``) records pose guider ``mode: faithful`` and ``uncond_reference: self`` (upstream's CFG gives the
-    unconditional half plain self-attention: ``uc_mask`` in its ``mutual_self_attention.py``); its
-    ``metadata`` records those too, plus the source path and each file's sha256.
+    floating tensors are cast to ``dtype`` (integer buffers are kept); :func:`check_components_fit` runs
+    before any model is built. The returned bundle's ``config`` (a ``ModelConfig``) records pose guider
+    ``mode: faithful`` and ``uncond_reference: self`` (upstream's CFG gives the unconditional half plain
+    self-attention: ``uc_mask`` in its ``mutual_self_attention.py``); its ``metadata`` records those too,
+    plus the source path and each file's sha256.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNetMotionModel
     from tqdm.auto import tqdm
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from portrait import config as config_lib
     from portrait.models.bundle import ModelConfig, Pose2VideoModel
@@ -696,11 +739,15 @@ def import_aniportrait(src: str | Path, dtype: torch.dtype = torch.float32, *, p
     step("reading checkpoints")
     folder = read_aniportrait_dir(src)
     sds = folder["state_dicts"]
+    unet2d_cfg = unet2d_kwargs(folder["unet_config"])
+    pg_cfg = pose_guider_config_from_state_dict(sds[POSE_GUIDER_FILE])
+    vae_cfg = _read_folder(folder["vae_dir"], "VAE", AutoencoderKL.load_config)
+    enc_cfg = _read_folder(folder["image_encoder_dir"], "image encoder", CLIPVisionConfig.from_pretrained)
+    check_components_fit(unet2d_cfg, pg_cfg, vae_cfg, enc_cfg, folder["src"])
     src_dtypes = sorted({str(v.dtype).removeprefix("torch.") for sd in sds.values() for v in sd.values() if v.is_floating_point()})
     steps.update()
 
     step("denoising UNet")
-    unet2d_cfg = unet2d_kwargs(folder["unet_config"])
     motion_cfg = unet_motion_config_from_sd15(unet2d_cfg)
     denoising = build_on_meta(lambda: UNetMotionModel(**motion_cfg))
     den_sd, origins = convert_denoising_unet_with_origins(sds[DENOISING_UNET_FILE], sds[MOTION_MODULE_FILE])
@@ -716,21 +763,20 @@ def import_aniportrait(src: str | Path, dtype: torch.dtype = torch.float32, *, p
     steps.update()
 
     step("pose guider")
-    pg_cfg = pose_guider_config_from_state_dict(sds[POSE_GUIDER_FILE])
     pose_guider = build_on_meta(lambda: PoseGuider(**pg_cfg))
     load_strict(pose_guider, cast_floating(convert_pose_guider(sds[POSE_GUIDER_FILE]), dtype),
                 f"{POSE_GUIDER_FILE} -> pose guider (PoseGuider {pg_cfg})")
     steps.update()
 
     step("VAE")
-    vae, info = AutoencoderKL.from_pretrained(folder["vae_dir"], torch_dtype=dtype, output_loading_info=True)
+    vae, info = _read_folder(folder["vae_dir"], "VAE", AutoencoderKL.from_pretrained, torch_dtype=dtype,
+                             output_loading_info=True)
     _check_loading_info(info, f"{folder['vae_dir']} -> VAE (AutoencoderKL)")
     steps.update()
 
     step("image encoder")
-    image_encoder, info = CLIPVisionModelWithProjection.from_pretrained(
-        folder["image_encoder_dir"], dtype=dtype, output_loading_info=True
-    )
+    image_encoder, info = _read_folder(folder["image_encoder_dir"], "image encoder",
+                                       CLIPVisionModelWithProjection.from_pretrained, dtype=dtype, output_loading_info=True)
     _check_loading_info(info, f"{folder['image_encoder_dir']} -> image encoder (CLIPVisionModelWithProjection)")
     steps.update()
 

@@ -25,6 +25,7 @@ Use::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -116,18 +117,25 @@ def split_counts(num_identities: int, fractions: Sequence[float]) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _list_offsets(num_lists: int, length: int) -> pa.Array:
+    # Fixed shapes give evenly spaced offsets; cached because every batch of a dataset reuses them.
+    return pa.array(np.arange(0, (num_lists + 1) * length, length, dtype=np.int32))
+
+
 def _nested_list_array(values: np.ndarray, shape: tuple[int, ...], ext_type: pa.ExtensionType) -> pa.Array:
-    """Wrap ``values`` ``(N, *shape)`` as the nested-list storage of a datasets ArrayXD column (one copy)."""
+    """Wrap ``values`` ``(N, *shape)`` as the nested-list storage of a datasets ArrayXD column.
+
+    That storage is ``list<list<...<dtype>>>`` with int32 offsets at every level, so on disk a
+    ``(..., 3)`` uint8 image costs ~7 bytes per pixel (3 data + 4 offset): datasets' format, not ours.
+    """
     n = values.shape[0]
     arr = pa.array(np.ascontiguousarray(values).reshape(-1))
-    # Innermost list first: each level groups `dim` children; offsets are per level.
     counts = [n]
     for d in shape[:-1]:
         counts.append(counts[-1] * d)
-    for level in range(len(shape) - 1, -1, -1):
-        num_lists = counts[level]
-        offsets = pa.array(np.arange(num_lists + 1, dtype=np.int32) * shape[level])
-        arr = pa.ListArray.from_arrays(offsets, arr)
+    for level in range(len(shape) - 1, -1, -1):  # innermost lists first
+        arr = pa.ListArray.from_arrays(_list_offsets(counts[level], shape[level]), arr)
     return pa.ExtensionArray.from_storage(ext_type, arr)
 
 
@@ -148,60 +156,53 @@ def clips_to_record_batch(clips: Sequence[dict], features: datasets.Features) ->
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
-class SplitWriter:
-    """Streams clips into per-split Arrow files, then saves a ``DatasetDict`` with ``save_to_disk``.
+def write_arrow_file(path: str | os.PathLike, clips: Sequence[dict], features: datasets.Features) -> int:
+    """Write clip dicts to one Arrow stream file of the schema (what ``Dataset.from_file`` reads).
 
-    Memory stays at ``batch_clips`` clips whatever the dataset size. Arrow list offsets are int32,
-    so a batch must hold < 2^31 values: 64 clips of 16x512x512x3 is 805M, fine.
+    Builders call this from worker processes, one file per chunk of clips, so that the parent never
+    touches pixel data. Record batches hold about 64 MB of pixels (Arrow list offsets are int32, so a
+    batch must stay under 2^31 values).
+
+    Returns:
+        the number of clips written.
     """
+    schema = features.arrow_schema
+    clip_bytes = 2 * int(np.prod(features["frames"].shape))
+    batch_clips = int(np.clip((64 << 20) // clip_bytes, 1, 32))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for i in range(0, len(clips), batch_clips):
+            writer.write_batch(clips_to_record_batch(clips[i:i + batch_clips], features))
+    return len(clips)
 
-    def __init__(self, scratch_dir: str | os.PathLike, features: datasets.Features,
-                 splits: Sequence[str] = SPLITS, batch_clips: int = 64):
-        self.features = features
-        self.schema = features.arrow_schema
-        self.batch_clips = batch_clips
-        self.scratch = Path(scratch_dir)
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        self._buffers: dict[str, list[dict]] = {s: [] for s in splits}
-        self._sinks = {s: pa.OSFile(str(self.scratch / f"{s}.arrow"), "wb") for s in splits}
-        self._writers = {s: pa.ipc.new_stream(self._sinks[s], self.schema) for s in splits}
-        self.counts = {s: 0 for s in splits}
-        self.identities: dict[str, set[int]] = {s: set() for s in splits}
 
-    def add(self, split: str, clip: dict) -> None:
-        self._buffers[split].append(clip)
-        self.counts[split] += 1
-        self.identities[split].add(int(clip["identity"]))
-        if len(self._buffers[split]) >= self.batch_clips:
-            self._flush(split)
+def save_splits(out_dir: str | os.PathLike, split_files: dict[str, list[str]],
+                features: datasets.Features) -> datasets.DatasetDict:
+    """Concatenate each split's Arrow files (``write_arrow_file``) and ``save_to_disk`` the DatasetDict.
 
-    def _flush(self, split: str) -> None:
-        if self._buffers[split]:
-            self._writers[split].write_batch(clips_to_record_batch(self._buffers[split], self.features))
-            self._buffers[split] = []
-
-    def save(self, out_dir: str | os.PathLike) -> datasets.DatasetDict:
-        """Close the scratch files and write the ``DatasetDict`` to ``out_dir`` (then drop the scratch)."""
-        for s in self._writers:
-            self._flush(s)
-            self._writers[s].close()
-            self._sinks[s].close()
-        info = datasets.DatasetInfo(features=self.features)
-        dd = datasets.DatasetDict({
-            s: datasets.Dataset.from_file(str(self.scratch / f"{s}.arrow"), info=info.copy(),
-                                          split=datasets.NamedSplit(s))
-            for s in self._writers})
-        # The per-split "Saving the dataset" bars would drown the builder's own progress bar.
-        was_enabled = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-        try:
-            dd.save_to_disk(str(out_dir))
-        finally:
-            if was_enabled:
-                datasets.enable_progress_bars()
-        del dd
-        shutil.rmtree(self.scratch, ignore_errors=True)
-        return datasets.load_from_disk(str(out_dir))
+    Splits with no files are saved as empty datasets (one empty shard, which ``load_from_disk`` accepts;
+    zero shards it does not).
+    """
+    info = datasets.DatasetInfo(features=features)
+    parts, num_shards = {}, {}
+    for split, files in split_files.items():
+        if files:
+            dsets = [datasets.Dataset.from_file(str(f), info=info.copy(), split=datasets.NamedSplit(split))
+                     for f in files]
+            parts[split] = datasets.concatenate_datasets(dsets) if len(dsets) > 1 else dsets[0]
+        else:
+            parts[split] = datasets.Dataset.from_dict({k: [] for k in features}, features=features,
+                                                      split=datasets.NamedSplit(split))
+            num_shards[split] = 1
+    dd = datasets.DatasetDict(parts)
+    # The per-split "Saving the dataset" bars would drown the builder's own progress bar.
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        dd.save_to_disk(str(out_dir), num_shards=num_shards or None)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    return datasets.load_from_disk(str(out_dir))
 
 
 @contextlib.contextmanager

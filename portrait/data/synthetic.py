@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -37,14 +38,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from portrait.data.dataset import SPLITS, SplitWriter, atomic_output_dir, clip_features, split_counts, stable_id
+from portrait.data.dataset import (SPLITS, atomic_output_dir, clip_features, save_splits, split_counts, stable_id,
+                                   write_arrow_file)
 from portrait.data.landmarks import NUM_LANDMARKS
-from portrait.data.pose import draw_pose
+from portrait.data.pose import draw_pose_sequence
 
 FPS = 25.0
 HAIR_STYLES = ("bald", "buzz", "short", "spiky", "fringe", "bob", "long", "afro", "bun")
 BACKGROUNDS = ("flat", "vgrad", "hgrad", "radial", "stripes", "checker", "blobs")
 BEARDS = ("none", "stubble", "moustache", "beard")
+_MOTION_KEYS = ("mouth_open", "mouth_width", "eye_open", "brow_raise", "gaze_x", "gaze_y", "tx", "ty", "roll", "yaw",
+                "scale")
 
 Colour = tuple[int, int, int]
 
@@ -227,7 +231,7 @@ def sample_motion(rng: np.random.Generator, num_frames: int, fps: float = FPS) -
 
     # Speech: syllables at a random rate, ~15% silent; all talking clips start mid-sentence.
     rate = u(3.0, 5.0)
-    intensity = u(0.45, 1.0) if rng.random() < 0.9 else u(0.0, 0.15)
+    intensity = u(0.6, 1.0) if rng.random() < 0.9 else u(0.0, 0.15)
     mouth_open = np.zeros(num_frames)
     width = np.zeros(num_frames)
     onset = -u(0, 1.0 / rate)
@@ -237,7 +241,7 @@ def sample_motion(rng: np.random.Generator, num_frames: int, fps: float = FPS) -
         if rng.random() > 0.15:
             b = _bump(t, onset, dur)
             vowel = rng.integers(3)
-            amp = u(0.35, 1.0) * intensity
+            amp = u(0.45, 1.0) * intensity
             wdelta = (u(0.04, 0.14), -u(0.12, 0.25), 0.0)[vowel]
             if vowel == 1:  # rounded vowels open less
                 amp *= 0.75
@@ -484,15 +488,15 @@ class _Geometry:
         gt = (1.0 - ut ** 2) ** 0.8
         top = yc(0.9 * ut) - 0.28 * o * gt
         gap = o * gt
-        bot = top + np.minimum(0.05, 0.45 * gap)
+        bot = top + np.minimum(0.04, 0.3 * gap)
         xt = mw * 0.9 * ut
         self.head["teeth"] = np.concatenate([_xyz(xt, top, self.surface_z(xt)),
                                              _xyz(xt, bot, self.surface_z(xt))[:, ::-1]], axis=1)
         tl_ = yc(0.9 * ut) + 0.72 * o * gt
-        self.head["tongue"] = np.concatenate([_xyz(xt * 0.8, tl_ - 0.3 * gap, self.surface_z(xt)),
+        self.head["tongue"] = np.concatenate([_xyz(xt * 0.8, tl_ - 0.25 * gap, self.surface_z(xt)),
                                               _xyz(xt * 0.8, tl_, self.surface_z(xt))[:, ::-1]], axis=1)
-        self.flags["teeth"] = m["mouth_open"] > 0.08
-        self.flags["tongue"] = m["mouth_open"] > 0.2
+        self.flags["teeth"] = m["mouth_open"] > 0.15
+        self.flags["tongue"] = m["mouth_open"] > 0.35
         self._mouth_info = (mw, yc, up_out, lo_out, u)
 
     # -- hair --------------------------------------------------------------------------------
@@ -645,38 +649,104 @@ def _body_transform(pts: np.ndarray, m: dict[str, np.ndarray], size: int, idn: I
 
 
 def _background(idn: Identity, h: int, w: int) -> np.ndarray:
-    """``(h, w, 3)`` uint8 static background."""
-    c0 = np.asarray(idn.bg_colours[0], np.float64)
-    c1 = np.asarray(idn.bg_colours[1], np.float64)
-    yy, xx = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    """``(h, w, 3)`` uint8 static background (the camera does not move)."""
+    c0 = np.asarray(idn.bg_colours[0], np.float32)
+    c1 = np.asarray(idn.bg_colours[1], np.float32)
+    yy = ((np.arange(h, dtype=np.float32) + 0.5) / h)[:, None]
+    xx = ((np.arange(w, dtype=np.float32) + 0.5) / w)[None, :]
     kind = idn.background
     if kind == "flat":
-        t = np.zeros((h, w))
+        t = np.zeros((h, w), np.float32)
     elif kind == "vgrad":
-        t = yy
+        t = np.broadcast_to(yy, (h, w))
     elif kind == "hgrad":
-        t = xx
+        t = np.broadcast_to(xx, (h, w))
     elif kind == "radial":
-        t = np.clip(np.hypot(xx - 0.5, yy - 0.4) / 0.75, 0, 1)
+        t = np.clip(np.sqrt((xx - 0.5) ** 2 + (yy - 0.4) ** 2) / 0.75, 0, 1)
     elif kind == "stripes":
         ang = idn.bg_param * np.pi
-        period = 0.08 + 0.15 * idn.bg_seed % 7 / 7
-        t = (((xx * np.cos(ang) + yy * np.sin(ang)) / period) % 1.0 < 0.5).astype(np.float64) * 0.7
+        period = 0.08 + 0.15 * (idn.bg_seed % 7) / 7
+        t = (((xx * np.cos(ang) + yy * np.sin(ang)) / period) % 1.0 < 0.5).astype(np.float32) * 0.7
     elif kind == "checker":
         n = 3 + idn.bg_seed % 6
         t = ((np.floor(xx * n) + np.floor(yy * n)) % 2) * 0.6
-    else:  # "blobs": smooth value noise, upsampled from a coarse random grid
+    else:  # "blobs": smooth value noise, a coarse random grid upsampled bicubically
         g = np.random.default_rng(idn.bg_seed).random((5, 5))
-        t = np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float64) / 255
-    return np.clip(c0 * (1 - t[..., None]) + c1 * t[..., None], 0, 255).astype(np.uint8)
+        t = np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float32) / 255
+    return (c0 + (c1 - c0) * t[..., None]).clip(0, 255).astype(np.uint8)
 
 
 def _shade(c: Colour, k: float) -> Colour:
     return _clip_colour(np.asarray(c, np.float64) * k)
 
 
+def _program(geo: _Geometry) -> list[tuple]:
+    """The clip's draw list in painter's order: ``(kind, shape, fill, width, flag)``.
+
+    kind: "poly" fills a head-frame polygon, "line" strokes it (width in canonical units, "loop"
+    closes it), "body" fills a body-frame polygon. flag: name of a per-frame bool in ``geo.flags``
+    (None = every frame). Built once per clip so the per-frame loop only rasterises.
+    """
+    idn = geo.idn
+    skin, hair = idn.skin, idn.hair
+    ops: list[tuple] = []
+    if "hair_back" in geo.head:
+        ops.append(("poly", "hair_back", _shade(hair, 0.8), 0, None))
+    ops += [("neck", "neck", _shade(skin, 0.82), 0, None),
+            ("body", "clothes", idn.clothes, 0, None),
+            ("body", "clothes_shadow", (0, 0, 0, 40), 0, None)]
+    for ear in ("ear_r", "ear_l"):
+        ops += [("poly", ear, _shade(skin, 0.9), 0, None),
+                ("line", ear + "_in", _rgba(_shade(skin, 0.6), 0.6), 0.025, None)]
+    if idn.earrings != "none":
+        for er in ("earring_r", "earring_l"):
+            ops.append(("poly", er, idn.earring_colour, 0, None) if idn.earrings == "stud"
+                       else ("loop", er, idn.earring_colour, 0.025, None))
+    # Face: darker base, the lit part shifted towards the light, a soft highlight.
+    ops += [("poly", "face", _shade(skin, 0.88), 0, None),
+            ("poly", "face_lit", skin, 0, None),
+            ("poly", "face_highlight", _rgba(_shade(skin, 1.12), 0.35), 0, None)]
+    if idn.blush > 0.05:
+        ops += [("poly", b, (230, 90, 100, int(255 * idn.blush)), 0, None) for b in ("blush_r", "blush_l")]
+    if idn.hair_style == "bald":
+        ops += [("poly", sh, hair, 0, None) for sh in ("side_hair_r", "side_hair_l")]
+    if idn.beard == "beard":
+        ops.append(("poly", "beard", idn.brow, 0, None))
+    elif idn.beard == "stubble":
+        ops.append(("poly", "beard", _rgba(_shade(idn.brow, 0.8), 0.35), 0, None))
+    ops += [("line", "nose_bridge", _rgba(_shade(skin, 0.6), 0.35), 0.04, None),
+            ("poly", "nose_tip", _rgba(_shade(skin, 1.15), 0.45), 0, None),
+            ("line", "nose_base", _rgba(_shade(skin, 0.55), 0.55), 0.03, None),
+            ("poly", "nostril_r", (40, 20, 20, 140), 0, None),
+            ("poly", "nostril_l", (40, 20, 20, 140), 0, None)]
+    for eye in ("eye_r", "eye_l"):
+        ops += [("poly", eye, (236, 232, 226), 0, None),
+                ("poly", eye + "_iris", idn.iris, 0, None),
+                ("poly", eye + "_pupil", (12, 8, 8), 0, None),
+                ("poly", eye + "_glint", (255, 255, 255), 0, eye + "_glint"),
+                ("line", eye + "_lid", (35, 22, 20), 0.035, None)]
+    ops += [("poly", "brow_r", idn.brow, 0, None), ("poly", "brow_l", idn.brow, 0, None)]
+    if idn.beard in ("moustache", "beard"):
+        ops.append(("poly", "moustache", idn.brow, 0, None))
+    ops += [("poly", "lips", idn.lip, 0, None),
+            ("poly", "mouth_in", (48, 14, 20), 0, None),
+            ("poly", "teeth", (236, 232, 220), 0, "teeth"),
+            ("poly", "tongue", (120, 36, 48), 0, "tongue"),
+            ("line", "lip_line", _shade(idn.lip, 0.45), 0.03, None)]
+    if idn.hair_style == "buzz":
+        ops.append(("poly", "hair_cap", _rgba(hair, 0.6), 0, None))
+    elif idn.hair_style != "bald":
+        ops.append(("poly", "hair_cap", hair, 0, None))
+        ops += [("line", f"strand{k}", _rgba(_shade(hair, 0.6), 0.5), 0.025, None) for k in range(4)]
+    if idn.glasses != "none":
+        for g in ("glasses_r", "glasses_l"):
+            ops += [("poly", g, (200, 220, 240, 30), 0, None), ("loop", g, idn.glasses_colour, 0.035, None)]
+        ops += [("line", g, idn.glasses_colour, 0.035, None) for g in ("glasses_bridge", "temple_r", "temple_l")]
+    return ops
+
+
 def _render(geo: _Geometry, size: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rasterise all frames. Returns frames ``(F, H, W, 3)`` uint8 and landmarks ``(F, 68, 2)`` float32 px."""
+    """Rasterise all frames. Returns frames ``(F, S, S, 3)`` uint8 and landmarks ``(F, 68, 2)`` float32 px."""
     idn, m, F = geo.idn, geo.m, geo.F
     S = supersample
     names = list(geo.head)
@@ -687,104 +757,39 @@ def _render(geo: _Geometry, size: int, supersample: int) -> tuple[np.ndarray, np
     lmk_px = px[:, -NUM_LANDMARKS:].astype(np.float32)
     # PIL pixel centres sit at integer coordinates: continuous x maps to x * S - 0.5.
     pil = px[:, :-NUM_LANDMARKS] * S - 0.5
-    head = {}
-    start = 0
-    for n, k in zip(names, sizes):
-        head[n] = pil[:, start:start + k]
-        start += k
-    body = {n: _body_transform(p, m, size, idn) * S - 0.5 for n, p in geo.body.items()}
-    neck = np.concatenate([head["neck_top"], body["neck_bottom"]], axis=1)
-    scale_px = size * idn.head_scale * m["scale"] * S  # canonical unit in supersampled pixels, (F,)
+    shapes = dict(zip(names, np.split(pil, np.cumsum(sizes)[:-1], axis=1)))
+    for n, p in geo.body.items():
+        shapes[n] = _body_transform(p, m, size, idn) * S - 0.5
+    shapes["neck"] = np.concatenate([shapes["neck_top"], shapes["neck_bottom"]], axis=1)
+    # Shading layers are the face outline scaled about its centre and shifted towards the light.
+    face = shapes["face"]
+    centre = face.mean(1, keepdims=True)
+    unit = (size * idn.head_scale * m["scale"] * S)[:, None, None]  # canonical unit in supersampled px
+    shift = np.array([np.sign(idn.light) or 1.0, -0.45])[None, None] * 0.07 * unit
+    shapes["face_lit"] = (face - centre) * np.array([0.9, 0.95]) + centre + shift
+    shapes["face_highlight"] = (face - centre) * np.array([0.55, 0.6]) + centre + 2 * shift
+    flat = {n: v.reshape(F, -1).tolist() for n, v in shapes.items()}  # PIL wants flat coordinate lists
+    unit = unit[:, 0, 0]
 
-    bg = Image.fromarray(_background(idn, size * S, size * S))
-    light_dir = 1.0 if idn.light >= 0 else -1.0
-    skin = idn.skin
-    skin_dark = _shade(skin, 0.82)
-    hair = idn.hair
+    ops = _program(geo)
+    if idn.background in ("stripes", "checker"):  # hard edges: render supersampled for anti-aliasing
+        bg = Image.fromarray(_background(idn, size * S, size * S))
+    else:  # smooth: render at output size, upsample
+        bg = Image.fromarray(_background(idn, size, size)).resize((size * S, size * S), Image.BILINEAR)
     out = np.empty((F, size, size, 3), np.uint8)
-    flags = geo.flags
-
     for f in range(F):
         im = bg.copy()
         d = ImageDraw.Draw(im, "RGBA")
-
-        def poly(name, fill, src=head):
-            d.polygon(src[name][f].ravel().tolist(), fill=fill)
-
-        def line(pts, fill, width_c, closed=False):
-            p = pts
-            if closed:
-                p = np.concatenate([p, p[:1]], axis=0)
-            d.line(p.ravel().tolist(), fill=fill, width=max(1, int(round(width_c * scale_px[f]))), joint="curve")
-
-        if "hair_back" in head:
-            poly("hair_back", _shade(hair, 0.8))
-        d.polygon(neck[f].ravel().tolist(), fill=skin_dark)
-        d.polygon(body["clothes"][f].ravel().tolist(), fill=idn.clothes)
-        d.polygon(body["clothes_shadow"][f].ravel().tolist(), fill=(0, 0, 0, 40))
-        for ear in ("ear_r", "ear_l"):
-            poly(ear, _shade(skin, 0.9))
-            line(head[ear + "_in"][f], _rgba(_shade(skin, 0.6), 0.6), 0.025)
-        for er in ("earring_r", "earring_l"):
-            if er in head:
-                if idn.earrings == "stud":
-                    poly(er, idn.earring_colour)
-                else:
-                    line(head[er][f], idn.earring_colour, 0.025, closed=True)
-        # Face: darker base, lit inner part shifted towards the light, then a soft highlight.
-        face = head["face"][f]
-        d.polygon(face.ravel().tolist(), fill=_shade(skin, 0.88))
-        c = face.mean(0)
-        w_shift = np.array([light_dir * 0.07 * scale_px[f], -0.03 * scale_px[f]])
-        d.polygon(((face - c) * np.array([0.9, 0.95]) + c + w_shift).ravel().tolist(), fill=skin)
-        d.polygon(((face - c) * np.array([0.55, 0.6]) + c + 2 * w_shift).ravel().tolist(),
-                  fill=_rgba(_shade(skin, 1.12), 0.35))
-        if idn.blush > 0.05:
-            poly("blush_r", (230, 90, 100, int(255 * idn.blush)))
-            poly("blush_l", (230, 90, 100, int(255 * idn.blush)))
-        for sh in ("side_hair_r", "side_hair_l"):
-            if sh in head:
-                poly(sh, hair)
-        if idn.beard in ("beard", "stubble"):
-            poly("beard", idn.brow if idn.beard == "beard" else _rgba(_shade(idn.brow, 0.8), 0.35))
-        # Nose.
-        line(head["nose_bridge"][f], _rgba(_shade(skin, 0.6), 0.35), 0.04)
-        poly("nose_tip", _rgba(_shade(skin, 1.15), 0.45))
-        line(head["nose_base"][f], _rgba(_shade(skin, 0.55), 0.55), 0.03)
-        poly("nostril_r", _rgba((40, 20, 20), 0.55))
-        poly("nostril_l", _rgba((40, 20, 20), 0.55))
-        # Eyes.
-        for eye in ("eye_r", "eye_l"):
-            poly(eye, (236, 232, 226))
-            poly(eye + "_iris", idn.iris)
-            poly(eye + "_pupil", (12, 8, 8))
-            if flags[eye + "_glint"][f]:
-                poly(eye + "_glint", (255, 255, 255))
-            line(head[eye + "_lid"][f], (35, 22, 20), 0.035)
-        for brow in ("brow_r", "brow_l"):
-            poly(brow, idn.brow)
-        # Mouth: lips, then the dark opening with teeth and tongue, then the lip line.
-        if idn.beard == "moustache" or idn.beard == "beard":
-            poly("moustache", idn.brow)
-        poly("lips", idn.lip)
-        poly("mouth_in", (48, 14, 20))
-        if flags["teeth"][f]:
-            poly("teeth", (236, 232, 220))
-        if flags["tongue"][f]:
-            poly("tongue", (175, 62, 72))
-        line(head["lip_line"][f], _shade(idn.lip, 0.45), 0.03)
-        # Hair in front of the forehead, glasses last.
-        if "hair_cap" in head:
-            poly("hair_cap", _rgba(hair, 0.6) if idn.hair_style == "buzz" else hair)
-            if idn.hair_style != "buzz":
-                for k in range(4):
-                    line(head[f"strand{k}"][f], _rgba(_shade(hair, 0.6), 0.5), 0.025)
-        if idn.glasses != "none":
-            for g in ("glasses_r", "glasses_l"):
-                poly(g, _rgba((200, 220, 240), 0.12))
-                line(head[g][f], idn.glasses_colour, 0.035, closed=True)
-            for g in ("glasses_bridge", "temple_r", "temple_l"):
-                line(head[g][f], idn.glasses_colour, 0.035)
+        for kind, name, fill, width, flag in ops:
+            if flag is not None and not geo.flags[flag][f]:
+                continue
+            xy = flat[name][f]
+            if kind == "line" or kind == "loop":
+                if kind == "loop":
+                    xy = xy + xy[:2]
+                d.line(xy, fill=fill, width=max(1, int(round(width * unit[f]))), joint="curve")
+            else:
+                d.polygon(xy, fill=fill)
         out[f] = np.asarray(im.reduce(S) if S > 1 else im)
     return out, lmk_px
 
@@ -814,14 +819,31 @@ def generate_clip(identity_seed: int, motion_seed: int, num_frames: int = 16, si
         ``pose`` ``(F, S, S, 3)`` uint8 (``draw_pose`` of the landmarks), ``identity`` int (= identity_seed),
         ``fps`` float.
     """
-    if num_frames < 1 or size < 8:
-        raise ValueError(f"need num_frames >= 1 and size >= 8, got {num_frames}, {size}")
+    if num_frames < 1:
+        raise ValueError(f"need num_frames >= 1, got {num_frames}")
     idn = sample_identity(np.random.default_rng(identity_seed))
     motion = sample_motion(np.random.default_rng(motion_seed), num_frames, fps)
-    geo = _Geometry(idn, motion).build()
+    clip = render_clip(idn, motion, size)
+    return {**clip, "identity": int(identity_seed), "fps": float(fps)}
+
+
+def render_clip(identity: Identity, motion: dict[str, np.ndarray], size: int = 64) -> dict[str, np.ndarray]:
+    """Render given identity and motion curves (the keys of ``sample_motion``, each ``(F,)``).
+
+    Useful for controlled probes, e.g. a mouth-opening sweep with everything else fixed.
+
+    Returns:
+        ``frames`` ``(F, S, S, 3)`` uint8, ``landmarks`` ``(F, 68, 2)`` float32 px, ``pose`` ``(F, S, S, 3)`` uint8.
+    """
+    if size < 8:
+        raise ValueError(f"need size >= 8, got {size}")
+    missing = set(_MOTION_KEYS) - set(motion)
+    if missing:
+        raise ValueError(f"motion lacks {sorted(missing)}")
+    motion = {k: np.atleast_1d(np.asarray(motion[k], np.float64)) for k in _MOTION_KEYS}
+    geo = _Geometry(identity, motion).build()
     frames, lmk = _render(geo, size, _supersample_for(size))
-    pose = np.stack([draw_pose(lmk[f], size) for f in range(num_frames)])
-    return {"frames": frames, "landmarks": lmk, "pose": pose, "identity": int(identity_seed), "fps": float(fps)}
+    return {"frames": frames, "landmarks": lmk, "pose": draw_pose_sequence(lmk, size)}
 
 
 def identity_seed_for(seed: int, index: int) -> int:
@@ -858,11 +880,16 @@ def plan_dataset(num_clips: int, seed: int = 0, clips_per_identity: int = 4,
     return plan
 
 
-def _clip_job(job: tuple[str, int, int, str, int, int]) -> tuple[str, dict]:
-    split, ident, motion, source, num_frames, size = job
-    clip = generate_clip(ident, motion, num_frames, size)
-    clip["source"] = source
-    return split, clip
+def _chunk_job(job: tuple[str, list[tuple[int, int, str]], int, int, str]) -> tuple[str, str, list[int]]:
+    """Render a chunk of same-split clips and write them to one Arrow file (runs in a worker)."""
+    split, clips, num_frames, size, path = job
+    rendered = []
+    for ident, motion, source in clips:
+        clip = generate_clip(ident, motion, num_frames, size)
+        clip["source"] = source
+        rendered.append(clip)
+    write_arrow_file(path, rendered, clip_features(num_frames, size, size))
+    return split, path, [c[0] for c in clips]
 
 
 def generate_dataset(out_dir: str | os.PathLike, num_clips: int, size: int = 64, num_frames: int = 16, seed: int = 0,
@@ -870,45 +897,63 @@ def generate_dataset(out_dir: str | os.PathLike, num_clips: int, size: int = 64,
                      workers: int | None = None, overwrite: bool = False, progress: bool = False) -> dict:
     """Generate a synthetic DatasetDict ("train"/"val"/"test", split by identity) at ``out_dir``.
 
-    The write is atomic (built in ``<out_dir>.tmp-*`` and renamed). Output is identical for any
-    ``workers`` (clips are generated in a fixed order from per-clip seeds).
+    Workers render chunks of clips and write them straight to Arrow files; the parent only stitches
+    the files into a DatasetDict. The write is atomic (built in ``<out_dir>.tmp-*``, then renamed),
+    and the output is identical for any ``workers`` (per-clip seeds, fixed order).
 
     Returns:
-        summary dict: ``{"splits": {split: {"clips": n, "identities": m}}, "seconds": s, "out": path}``;
+        summary dict ``{"splits": {split: {"clips": n, "identities": m}}, "seconds": s, "out": path, ...}``,
         also written to ``<out_dir>/report.json``.
     """
     t0 = time.perf_counter()
     if size < 8 or num_frames < 1:
         raise ValueError(f"need size >= 8 and num_frames >= 1, got {size}, {num_frames}")
     plan = plan_dataset(num_clips, seed, clips_per_identity, split_fractions)
-    jobs = [(*p, num_frames, size) for p in plan]
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(int(workers), num_clips))
+    workers = max(1, int(workers))
+    # ~8 chunks per worker balance the load; chunks never straddle a split.
+    chunk = int(np.clip(num_clips // (8 * workers), 1, 64))
     features = clip_features(num_frames, size, size)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = SplitWriter(tmp / "_scratch", features)
+        scratch = tmp / "_scratch"
+        scratch.mkdir()
+        jobs = []
+        i = 0
+        while i < num_clips:
+            j = i
+            while j < num_clips and j - i < chunk and plan[j][0] == plan[i][0]:
+                j += 1
+            jobs.append((plan[i][0], [p[1:] for p in plan[i:j]], num_frames, size,
+                         str(scratch / f"{len(jobs):06d}.arrow")))
+            i = j
+        files: dict[str, list[str]] = {s: [] for s in SPLITS}
+        identities: dict[str, set[int]] = {s: set() for s in SPLITS}
+        counts = dict.fromkeys(SPLITS, 0)
         bar = tqdm(total=num_clips, unit="clip", desc="synthetic", disable=not progress)
-        if workers == 1:
-            results = map(_clip_job, jobs)
-            pool = None
+        pool = None
+        if workers == 1 or len(jobs) == 1:
+            results = map(_chunk_job, jobs)
         else:
             # fork: workers inherit the imported modules instead of re-importing torch/datasets.
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(workers)
-            results = pool.imap(_clip_job, jobs, chunksize=max(1, min(8, num_clips // (4 * workers))))
+            pool = ctx.Pool(min(workers, len(jobs)))
+            results = pool.imap(_chunk_job, jobs)
         try:
-            for split, clip in results:
-                writer.add(split, clip)
-                bar.update(1)
+            for split, path, idents in results:
+                files[split].append(path)
+                identities[split].update(idents)
+                counts[split] += len(idents)
+                bar.update(len(idents))
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()
             bar.close()
-        writer.save(tmp)
+        save_splits(tmp, files, features)
+        shutil.rmtree(scratch, ignore_errors=True)
         summary = {
-            "splits": {s: {"clips": writer.counts[s], "identities": len(writer.identities[s])} for s in SPLITS},
+            "splits": {s: {"clips": counts[s], "identities": len(identities[s])} for s in SPLITS},
             "size": size, "num_frames": num_frames, "fps": FPS, "seed": seed,
             "clips_per_identity": clips_per_identity, "split_fractions": list(split_fractions),
             "seconds": round(time.perf_counter() - t0, 3), "out": str(Path(out_dir).absolute()),

@@ -269,21 +269,33 @@ def load_probe(path: str | Path | None = None, device: str | torch.device = "cpu
 # Training
 # ----------------------------------------------------------------------------------------------------
 
-def _split_identities(split: str, count: int, seed: int) -> list[int]:
-    """``count`` identity seeds of the dataset's ``split`` ("train" or "test")."""
-    from portrait.data.synthetic import identities_of_split  # training-only dependency
+def probe_identities(split: str, count: int, seed: int) -> list[int]:
+    """``count`` identity seeds for the probe's ``split`` ("train" or "heldout").
 
-    return identities_of_split(split, count, seed)
+    Drawn from the probe's own namespaces of ``portrait.data.dataset.stable_id`` (the generator's
+    identities are ``stable_id("fastportrait/synthetic/identity", ...)``), so the probe's train and
+    held-out faces are disjoint from each other AND from every generated dataset's identities: the
+    probe never saw a face that a model is benchmarked on.
+    """
+    from portrait.data.dataset import stable_id  # training-only; pulls in `datasets`
+
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return [stable_id(f"fastportrait/landmark_probe/{split}", seed, i) for i in range(count)]
 
 
-def _make_frames(identities: list[int], motion_seed0: int, num_frames: int, size: int,
-                 desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generate one clip per identity: uint8 frames ``(N*F, H, W, 3)``, landmarks ``(N*F, 68, 2)``."""
-    from portrait.data.synthetic import generate_clip
+def _make_frames(identities: list[int], num_frames: int, size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate one clip per identity: uint8 frames ``(N*F, H, W, 3)``, landmarks ``(N*F, 68, 2)``.
+
+    The motion seed is derived from the identity, so the frames are a pure function of the identities.
+    """
+    from portrait.data.dataset import stable_id
+    from portrait.data.synthetic import generate_clip  # training-only dependency
 
     frames, landmarks = [], []
-    for i, identity in enumerate(tqdm(identities, desc=desc, unit="clip", leave=False)):
-        clip = generate_clip(identity, motion_seed0 + i, num_frames=num_frames, size=size)
+    for identity in tqdm(identities, desc=desc, unit="clip", leave=False):
+        clip = generate_clip(identity, stable_id("fastportrait/landmark_probe/motion", identity),
+                             num_frames=num_frames, size=size)
         frames.append(torch.from_numpy(clip["frames"]))
         landmarks.append(torch.from_numpy(clip["landmarks"]).float())
     return torch.cat(frames), torch.cat(landmarks)
@@ -364,7 +376,7 @@ def train_probe(out_dir: str | Path, num_clips: int = 400, size: int = 64, steps
                 batch_size: int = 32, seed: int = 0, lr: float = 3e-3, num_frames: int = 16,
                 eval_clips: int = 48, widths: tuple[int, int, int] = DEFAULT_WIDTHS,
                 threads: int | None = None, command: str | None = None) -> dict:
-    """Train a probe on TRAIN identities, score it on held-out TEST identities, save it to ``out_dir``.
+    """Train a probe on its train identities, score it on held-out identities, save it to ``out_dir``.
 
     Args:
         out_dir: probe folder to write (replaced atomically, see :func:`save_probe`).
@@ -373,7 +385,7 @@ def train_probe(out_dir: str | Path, num_clips: int = 400, size: int = 64, steps
         steps: optimiser steps (AdamW, 5 % warm-up then cosine decay).
         batch_size: frames per step, drawn uniformly from all training frames.
         seed: seeds identities' choice, motions, init and augmentation.
-        eval_clips: held-out clips (test identities) for the reported NME.
+        eval_clips: held-out clips, one held-out identity each (see :func:`probe_identities`).
         threads: torch CPU threads; default: all cores this process may use.
         command: the launch command, recorded in ``metrics.json`` and the card.
 
@@ -386,11 +398,10 @@ def train_probe(out_dir: str | Path, num_clips: int = 400, size: int = 64, steps
     gen = torch.Generator().manual_seed(seed)
     t_start = time.perf_counter()
 
-    # 1. data: disjoint identity sets, so the held-out NME measures faces the probe never saw
-    train_ids = _split_identities("train", num_clips, seed)
-    test_ids = _split_identities("test", eval_clips, seed)
-    train_u8, train_lmk = _make_frames(train_ids, 10_000 * seed, num_frames, size, "train clips")
-    test_u8, test_lmk = _make_frames(test_ids, 10_000 * seed + 5_000, num_frames, size, "held-out clips")
+    # 1. data: disjoint identity sets, so the held-out NME measures faces the probe never saw.
+    train_u8, train_lmk = _make_frames(probe_identities("train", num_clips, seed), num_frames, size, "train clips")
+    test_u8, test_lmk = _make_frames(probe_identities("heldout", eval_clips, seed), num_frames, size,
+                                     "held-out clips")
     t_data = time.perf_counter() - t_start
 
     # 2. model and optimiser
@@ -465,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--eval-clips", type=int, default=48, help="held-out clips (test identities)")
+    parser.add_argument("--eval-clips", type=int, default=48, help="held-out clips (one held-out identity each)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     command = "python -m portrait.models.landmark_probe " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -75,7 +75,15 @@ def build_denoising_unet(sd_config: dict[str, Any], motion: dict[str, Any] | Non
     cfg = motion_unet_config(sd_config, motion)
     if time_cond_proj_dim is not None:
         cfg["time_cond_proj_dim"] = time_cond_proj_dim
-    return UNetMotionModel(**cfg)
+    unet = UNetMotionModel(**cfg)
+    # AnimateDiff / AniPortrait zero-initialise each motion module's proj_out (zero_initialize_proj_out: true),
+    # so a fresh motion UNet is exactly its spatial UNet and stage 2 starts from stage 1's model.
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if ".motion_modules." in f".{name}" and name.split(".")[-1].isdigit() and hasattr(module, "proj_out"):
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+    return unet
 
 
 def build_vae(cfg: dict[str, Any]) -> AutoencoderKL:

@@ -463,6 +463,26 @@ def test_truncated_pth_names_the_file(fake_src, tmp_path, capsys):
     assert "reference_unet.pth" in err and "truncated or corrupt" in err
 
 
+def test_components_that_do_not_fit_are_refused(fake_src, tmp_path, capsys):
+    src, _ = fake_src
+    bad = _bad_copy(src, tmp_path / "bad", "image_encoder")
+    fakes.save_tiny_image_encoder(bad / "image_encoder", projection_dim=16)  # UNet cross_attention_dim is 32
+    with pytest.raises(ap.CheckpointMismatchError, match="projection_dim 16"):
+        ap.import_aniportrait(bad, progress=False)
+    assert "cross_attention_dim 32" in _run_bad(bad, tmp_path, capsys)
+
+
+def test_corrupt_vae_folder_names_the_folder(fake_src, tmp_path, capsys):
+    src, _ = fake_src
+    bad = _bad_copy(src, tmp_path / "bad", "sd-vae-ft-mse")
+    (bad / "sd-vae-ft-mse").mkdir()
+    (bad / "sd-vae-ft-mse" / "config.json").write_text((src / "sd-vae-ft-mse" / "config.json").read_text())
+    (bad / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(ap.CheckpointReadError, match="sd-vae-ft-mse"):
+        ap.import_aniportrait(bad, progress=False)
+    assert "VAE folder" in _run_bad(bad, tmp_path, capsys)
+
+
 def test_garbage_pth_is_a_read_error(tmp_path):
     p = tmp_path / "pose_guider.pth"
     p.write_bytes(b"not a checkpoint at all")

@@ -1,0 +1,352 @@
+"""The loop helpers every ``train/`` script shares: accelerator setup, batch arithmetic, deterministic data
+and noise, EMA, resumable atomic checkpoints, NaN guards, tracking and export.
+
+Design (DESIGN §3.4-3.5):
+
+* **Stateless data order.** The global batch of step ``s`` is a pure function of ``(seed, s)``: a per-epoch
+  permutation of the dataset, sliced by samples seen. Rank ``r`` takes its slice of the global batch. So a
+  resumed run sees exactly the data it would have seen, and 2 processes x batch b see the same samples as
+  1 process x batch 2b.
+* **Per-sample randomness.** Noise, timesteps and dropout of global sample ``j`` come from a generator seeded
+  with ``(seed, j)``, not from a per-rank stream, for the same reason.
+* **Resume state is not a release.** ``checkpoints/step-0001200/`` holds accelerate's state (model, optimiser,
+  LR scheduler, RNG, EMA, train state); it is written to a ``.tmp`` folder, completed with a ``COMPLETE``
+  marker and renamed, so a kill at any moment never leaves a checkpoint that resume would pick up. The last
+  ``keep_checkpoints`` are kept. Exports are model folders (``Pose2VideoModel.save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+from portrait import config as config_lib
+
+logger = logging.getLogger("fastportrait")
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+COMPLETE_MARKER = "COMPLETE"
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from. The embedded default generates synthetic portraits if ``path`` is missing."""
+
+    path: str = "runs/data/synthetic64"
+    generate_clips: int = 2000  # clips to generate when ``path`` does not exist (0: error instead)
+    size: int = 64
+    clip_frames: int = 16
+    seed: int = 0
+    strides: list[int] = field(default_factory=lambda: [1, 2])
+    reference: str = "random"
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping shared by every training job."""
+
+    run_dir: str = "runs/teacher/tiny"
+    seed: int = 0
+    batch_size: int = 8  # global batch (all processes x accumulation), counted in samples
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-4
+    lr_schedule: str = "constant_with_warmup"
+    lr_warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    tracker: str = "wandb"  # wandb (offline unless logged in) | none
+    wandb_project: str = "fastportrait"
+    threads: int = 0  # torch CPU threads per process (0: leave the default)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss turns NaN/inf; the run stops and the last good checkpoint is kept."""
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, identical in every process and Python run."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def sample_generator(seed: int, sample_id: int, purpose: str = "") -> torch.Generator:
+    return torch.Generator().manual_seed(stable_seed(seed, sample_id, purpose))
+
+
+# ------------------------------------------------------------------------------------------------
+# Accelerator and batch arithmetic
+# ------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(train: TrainConfig, run_dir: Path) -> Accelerator:
+    """Accelerator with a project dir, optional W&B tracker, and gloo for multi-process CPU runs."""
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    log_with = None
+    if train.tracker == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")  # no key, no network needed; `wandb sync` later
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        log_with = "wandb"
+    elif train.tracker != "none":
+        raise config_lib.ConfigError(f"train.tracker must be 'wandb' or 'none', got {train.tracker!r}")
+    acc = Accelerator(
+        gradient_accumulation_steps=train.grad_accum_steps,
+        mixed_precision=train.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=False),
+        kwargs_handlers=handlers,
+    )
+    logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.ERROR, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("accelerate", "accelerate.accelerator", "accelerate.checkpointing", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return acc
+
+
+def per_process_batch(train: TrainConfig, world_size: int) -> int:
+    """Micro-batch per process; the global batch must split evenly (checked up front)."""
+    denom = world_size * train.grad_accum_steps
+    if train.batch_size % denom:
+        raise config_lib.ConfigError(
+            f"train.batch_size={train.batch_size} is not divisible by processes ({world_size}) x "
+            f"grad_accum_steps ({train.grad_accum_steps}); choose a multiple of {denom}")
+    return train.batch_size // denom
+
+
+class GlobalBatchPlan:
+    """Which dataset items and sample ids each process uses at each (step, micro-step)."""
+
+    def __init__(self, num_items: int, global_batch: int, micro_batch: int, seed: int):
+        if num_items <= 0:
+            raise ValueError("the training split is empty")
+        self.n, self.global_batch, self.micro, self.seed = num_items, global_batch, micro_batch, seed
+        self._perm_cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(stable_seed(self.seed, "epoch", epoch)))}
+        return self._perm_cache[epoch]
+
+    def items(self, step: int, micro_step: int, rank: int, world: int) -> list[tuple[int, int, int]]:
+        """-> [(epoch, dataset index, global sample id)] for this process's micro-batch."""
+        start = step * self.global_batch + (micro_step * world + rank) * self.micro
+        out = []
+        for j in range(start, start + self.micro):
+            epoch, pos = divmod(j, self.n)
+            out.append((epoch, int(self._perm(epoch)[pos]), j))
+        return out
+
+
+def load_items(dataset, items: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
+    """Fetch and collate ``items`` from a ``ClipDataset`` (its randomness is keyed by (seed, epoch, index))."""
+    from portrait.data.dataset import collate_clips
+
+    samples = []
+    for epoch, idx, sample_id in items:
+        dataset.set_epoch(epoch)
+        s = dataset[idx]
+        s["sample_id"] = torch.tensor(sample_id, dtype=torch.int64)
+        samples.append(s)
+    return collate_clips(samples)
+
+
+# ------------------------------------------------------------------------------------------------
+# Train state, EMA, checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples_seen: int = 0
+    wall_seconds: float = 0.0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+class CheckpointManager:
+    """Atomic, rotated checkpoints under ``run_dir/checkpoints``."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = max(1, keep)
+
+    def complete(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        out = [p for p in self.dir.iterdir() if CHECKPOINT_RE.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+        return sorted(out, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, accelerator: Accelerator, step: int, extra: dict | None = None) -> Path:
+        final = self.dir / f"step-{step:07d}"
+        tmp = self.dir / f"step-{step:07d}.tmp"
+        if accelerator.is_main_process:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a previous crash mid-write
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+            (tmp / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+
+def resume(accelerator: Accelerator, manager: CheckpointManager, state: TrainState) -> bool:
+    """Load the newest complete checkpoint if any (partial ``.tmp`` folders are ignored)."""
+    ckpt = manager.latest()
+    if ckpt is None:
+        return False
+    accelerator.load_state(str(ckpt))
+    logger.info(f"resumed from {ckpt} (step {state.step}, {state.samples_seen} samples seen)")
+    return True
+
+
+def make_ema(params: Iterable[torch.nn.Parameter], decay: float):
+    """diffusers' EMAModel over the *synced* initial weights (it gathers ZeRO-3 shards itself)."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(list(params), decay=decay, foreach=False)
+
+
+class EMACheckpoint:
+    """Adapter so accelerate's ``register_for_checkpointing`` saves the EMA shadow weights."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.ema.load_state_dict(d)
+
+
+def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, manager: CheckpointManager) -> None:
+    """Stop every process with one clear message if any process's loss is NaN/inf."""
+    flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    if flag.item() > 0:
+        last = manager.latest()
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.detach().float().item()}) at step {step}: training stopped without saving. "
+            f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; re-running resumes from it. "
+            f"Check the data for NaN/inf or lower train.lr.")
+
+
+def lr_scheduler(optimizer, train: TrainConfig):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(train.lr_schedule, optimizer=optimizer, num_warmup_steps=train.lr_warmup_steps, num_training_steps=train.max_steps)
+
+
+def init_tracker(accelerator: Accelerator, train: TrainConfig, run_name: str, cfg) -> None:
+    if train.tracker == "none":
+        return
+    accelerator.init_trackers(train.wandb_project, config=config_lib.to_dict(cfg),
+                              init_kwargs={"wandb": {"name": run_name, "dir": str(Path(train.run_dir).resolve())}})
+
+
+def log_images(accelerator: Accelerator, key: str, image, step: int) -> None:
+    """Log a uint8 (H, W, 3) image to W&B (rank 0 only)."""
+    if not accelerator.is_main_process or accelerator.trackers == []:
+        return
+    try:
+        import wandb
+
+        tracker = accelerator.get_tracker("wandb", unwrap=True)
+        tracker.log({key: wandb.Image(image)}, step=step)
+    except Exception as e:  # tracking must never kill a run
+        logger.warning(f"could not log {key}: {e}")
+
+
+def log_video(accelerator: Accelerator, key: str, frames, fps: float, step: int) -> None:
+    """Log a uint8 (F, H, W, 3) video to W&B (rank 0 only)."""
+    if not accelerator.is_main_process or accelerator.trackers == []:
+        return
+    try:
+        import numpy as np
+        import wandb
+
+        tracker = accelerator.get_tracker("wandb", unwrap=True)
+        tracker.log({key: wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=int(fps), format="gif")}, step=step)
+    except Exception as e:
+        logger.warning(f"could not log {key}: {e}")
+
+
+def ensure_dataset(data: DataConfig, accelerator: Accelerator) -> Path:
+    """The dataset folder; the main process generates the synthetic default when it is missing."""
+    path = Path(data.path)
+    if not path.exists():
+        if data.generate_clips <= 0:
+            raise FileNotFoundError(f"dataset {path} not found; generate one with `python -m portrait.data.synthetic --out {path} --clips 2000`")
+        if accelerator.is_main_process:
+            from portrait.data.synthetic import generate_dataset
+
+            logger.info(f"generating {data.generate_clips} synthetic clips at {path} ...")
+            generate_dataset(path, data.generate_clips, size=data.size, num_frames=data.clip_frames, seed=data.seed, progress=True)
+        accelerator.wait_for_everyone()
+    return path
+
+
+def write_run_config(run_dir: Path, cfg, accelerator: Accelerator) -> None:
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = config_lib.dump(cfg)
+        (run_dir / "config.yaml").write_text(text)
+        print(text)
+
+
+def schedule_due(step: int, every: int, max_steps: int) -> bool:
+    return step == max_steps or (every > 0 and step % every == 0)
+
+
+def lr_of(optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]
+
+
+def format_eta(done: int, total: int, seconds: float) -> str:
+    if done <= 0:
+        return "?"
+    rem = seconds / done * (total - done)
+    return f"{int(rem // 60)}m{int(rem % 60):02d}s" if math.isfinite(rem) else "?"
