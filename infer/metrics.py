@@ -49,12 +49,13 @@ def to_video_tensor(video) -> torch.Tensor:
 
     Returns:
         float32 tensor ``(F, 3, H, W)`` in [0, 1] on the CPU if the input was numpy, else on the input's
-        device. Float inputs are not clamped: a metric must see what the model produced.
+        device, detached. Float inputs are not clamped: a metric must see what the model produced.
     """
     if isinstance(video, np.ndarray):
         video = torch.from_numpy(np.ascontiguousarray(video))
     if not isinstance(video, torch.Tensor):
         raise TypeError(f"expected a numpy array or torch tensor video, got {type(video).__name__}")
+    video = video.detach()
     if video.dim() != 4:
         raise ValueError(f"expected a 4-D video, got shape {tuple(video.shape)}")
     if video.dtype == torch.uint8:

@@ -69,9 +69,9 @@ class TeacherConfig:
     init_from: str | None = None  # a model folder to start the first stage from instead
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     export_dir: str = "runs/teacher/tiny/model"
-    vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=1500, batch_size=32, lr=1e-3, num_frames=1))
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=3000, batch_size=16, lr=3e-4, num_frames=1))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=800, batch_size=4, lr=2e-4, num_frames=8))
+    vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=3000, batch_size=16, lr=1e-3, num_frames=1))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=1400, batch_size=16, lr=3e-4, num_frames=1))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=400, batch_size=2, lr=2e-4, num_frames=8))
     sample_steps: int = 25
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: T.DataConfig = field(default_factory=T.DataConfig)
@@ -105,8 +105,9 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
     sc: StageConfig = getattr(cfg, stage)
     stage_dir = Path(cfg.train.run_dir) / stage
     export = stage_dir / "model"
-    if (stage_dir / "DONE").is_file() and (export / "fastportrait.json").is_file():
-        T.logger.info(f"[{stage}] already finished: reusing {export}")
+    done = stage_dir / "DONE"
+    if done.is_file() and (export / "fastportrait.json").is_file() and int(done.read_text() or 0) >= sc.max_steps:
+        T.logger.info(f"[{stage}] already finished ({done.read_text()} steps): reusing {export}")
         return export
     train = dataclasses.replace(cfg.train, max_steps=sc.max_steps, batch_size=sc.batch_size, lr=sc.lr, run_dir=str(stage_dir))
     micro = T.per_process_batch(train, accelerator.num_processes)

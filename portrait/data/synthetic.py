@@ -38,8 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from portrait.data.dataset import (SPLITS, atomic_output_dir, clip_features, save_splits, split_counts, stable_id,
-                                   write_arrow_file)
+from portrait.data.dataset import SPLITS, atomic_output_dir, clip_features, save_splits, split_counts, stable_id, write_arrow_file
 from portrait.data.landmarks import NUM_LANDMARKS
 from portrait.data.pose import draw_pose_sequence
 
@@ -303,7 +302,7 @@ class _Geometry:
         self.idn = idn
         self.F = len(m["mouth_open"])
         self.m = m
-        self.head: dict[str, np.ndarray] = {}   # name -> (F, N, 3), head frame
+        self.head: dict[str, np.ndarray] = {}   # name -> (F or 1, N, 3), head frame
         self.body: dict[str, np.ndarray] = {}   # name -> (N, 2), body frame (no roll/yaw)
         self.flags: dict[str, np.ndarray] = {}  # name -> (F,) bool, shapes drawn only on some frames
         self.lmk = np.zeros((self.F, NUM_LANDMARKS, 3))
@@ -528,6 +527,9 @@ class _Geometry:
             hy = hy + 0.025 * (np.arange(21) % 2)  # choppy fringe ends
         else:
             hy = hy - 0.08 * np.exp(-((xs - idn.parting * a) / 0.12) ** 2)
+        # Never cover a (fully raised) brow: the image must show what the brow landmarks say.
+        over_brow = np.abs(xs) < idn.brow_in + idn.brow_len + 0.08
+        hy = np.where(over_brow, np.minimum(hy, brow_top - 0.02), hy)
         cap_x = np.concatenate([[-(a + ht * 0.5)], ox, [a + ht * 0.5, a * 0.97], xs, [-a * 0.97]])
         cap_y = np.concatenate([[side_y], oy, [side_y, side_y], hy, [side_y]])
         cap_z = np.concatenate([np.zeros(33), [0.0], self.surface_z(xs) * 0.9, [0.0]])
@@ -973,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clips-per-identity", type=int, default=4)
     parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
                         help="identity fractions per split")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="processes; None = all cores")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if args.clips < 1:

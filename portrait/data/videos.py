@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +45,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from portrait.data.dataset import (SPLITS, atomic_output_dir, clip_features, save_splits, split_counts, stable_id,
-                                   write_arrow_file)
+from portrait.data.dataset import SPLITS, ClipFileWriter, atomic_output_dir, clip_features, save_splits, split_counts, stable_id
 from portrait.data.landmarks import NUM_LANDMARKS
 from portrait.data.pose import draw_pose_sequence
 
@@ -70,6 +69,7 @@ class VideoConfig:
     landmarks_from: str | None = None
     mediapipe_python: str | None = None
     detect_size: int = 256                   # decode size for mediapipe (it is poor on tiny frames)
+    segment_frames: int = 1024               # frames decoded/annotated at a time (bounds memory)
     timeout_s: float = 600.0
 
 
@@ -85,45 +85,81 @@ def identity_key(rel: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def decode_video(path: str | os.PathLike, size: int, max_frames: int | None = None,
-                 timeout_s: float = 600.0) -> tuple[np.ndarray, float]:
-    """Decode a video to square RGB frames with the bundled ffmpeg.
-
-    The frame is centre-cropped to a square (``min(w, h)``) and area-resized to ``size``.
-
-    Returns:
-        frames ``(T, size, size, 3)`` uint8, fps (the source's; ``DEFAULT_FPS`` if ffmpeg reports none).
-    Raises:
-        SkipVideo: ffmpeg cannot read it or it has no decodable video frame.
-    """
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
-           "-vf", f"crop='min(iw,ih)':'min(iw,ih)',scale={size}:{size}:flags=area",
+def _ffmpeg_cmd(path: str | os.PathLike, size: int, max_frames: int | None) -> list[str]:
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-i", str(path),
+           "-map", "0:v:0", "-vf", f"crop='min(iw,ih)':'min(iw,ih)',scale={size}:{size}:flags=area",
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-an", "-sn"]
     if max_frames:
         cmd += ["-frames:v", str(int(max_frames))]
-    cmd.append("pipe:1")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        raise SkipVideo(f"ffmpeg timed out after {timeout_s:.0f} s") from e
-    err = proc.stderr.decode(errors="replace")
-    frame_bytes = size * size * 3
-    n = len(proc.stdout) // frame_bytes
-    if proc.returncode != 0 or n == 0:
-        lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
-        detail = " / ".join(lines[-2:]) if lines else f"exit code {proc.returncode}"
-        raise SkipVideo(f"unreadable video (ffmpeg: {detail})" if proc.returncode != 0
-                        else "no decodable video frames")
-    frames = np.frombuffer(proc.stdout, np.uint8, count=n * frame_bytes).reshape(n, size, size, 3)
+    return cmd + ["pipe:1"]
+
+
+def _parse_fps(log: str) -> float | None:
     # The input stream line reads e.g. "Stream #0:0(und): Video: h264 ..., 25 fps, 25 tbr, ...".
-    fps = DEFAULT_FPS
-    for line in err.splitlines():
+    for line in log.splitlines():
         if "Stream #0" in line and "Video:" in line:
             m = re.search(r"([\d.]+) fps", line) or re.search(r"([\d.]+)k? tbr", line)
-            if m:
-                fps = float(m.group(1))
-            break
-    return frames.copy(), fps
+            return float(m.group(1)) if m else None
+    return None
+
+
+class VideoReader:
+    """Decodes a video in segments with the bundled ffmpeg, so long videos need bounded memory.
+
+    Frames are centre-cropped to a square (``min(w, h)``) and area-resized to ``size``, rgb24.
+    After iterating ``segments()``: ``fps`` (the source's; ``DEFAULT_FPS`` if ffmpeg reports none),
+    ``num_frames``, ``warning`` (ffmpeg's complaint if it failed after decoding some frames).
+
+    Raises ``SkipVideo`` (from ``segments``) if ffmpeg decodes no frame at all.
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int, max_frames: int | None = None,
+                 segment_frames: int = 1024, timeout_s: float = 600.0):
+        self.path, self.size, self.max_frames = path, size, max_frames
+        self.segment_frames, self.timeout_s = segment_frames, timeout_s
+        self.fps: float = DEFAULT_FPS
+        self.num_frames = 0
+        self.warning: str | None = None
+
+    def segments(self) -> Iterator[np.ndarray]:
+        """Yield consecutive ``(n, size, size, 3)`` uint8 segments of at most ``segment_frames`` frames."""
+        frame_bytes = self.size * self.size * 3
+        # stderr goes to a file: a pipe could fill up with decode warnings and deadlock ffmpeg.
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(_ffmpeg_cmd(self.path, self.size, self.max_frames),
+                                    stdout=subprocess.PIPE, stderr=log)
+            try:
+                while True:
+                    buf = proc.stdout.read(frame_bytes * self.segment_frames)
+                    n = len(buf) // frame_bytes
+                    if self.num_frames == 0 and n:
+                        log.seek(0)
+                        self.fps = _parse_fps(log.read().decode(errors="replace")) or DEFAULT_FPS
+                    if n:
+                        self.num_frames += n
+                        yield np.frombuffer(buf, np.uint8, count=n * frame_bytes).reshape(n, self.size, self.size, 3)
+                    if len(buf) < frame_bytes * self.segment_frames:
+                        break
+                rc = proc.wait(timeout=self.timeout_s)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            log.seek(0)
+            lines = [ln.strip() for ln in log.read().decode(errors="replace").splitlines() if ln.strip()]
+        detail = " / ".join(lines[-2:]) if lines else f"exit code {rc}"
+        if self.num_frames == 0:
+            raise SkipVideo(f"unreadable video (ffmpeg: {detail})" if rc != 0 else "no decodable video frames")
+        if rc != 0:
+            self.warning = f"ffmpeg stopped after {self.num_frames} frames: {detail}"
+
+
+def decode_video(path: str | os.PathLike, size: int, max_frames: int | None = None,
+                 timeout_s: float = 600.0) -> tuple[np.ndarray, float]:
+    """Decode a whole video: frames ``(T, size, size, 3)`` uint8 and fps (see ``VideoReader``)."""
+    reader = VideoReader(path, size, max_frames, timeout_s=timeout_s)
+    frames = np.concatenate(list(reader.segments()), axis=0)
+    return frames, reader.fps
 
 
 def precomputed_landmarks(landmarks_dir: str | os.PathLike, rel: Path) -> np.ndarray:
@@ -196,45 +232,67 @@ def clip_starts(valid: np.ndarray, frames_per_clip: int, hop: int, max_clips: in
     return starts
 
 
-def process_video(src: Path, rel: Path, cfg: VideoConfig) -> tuple[list[dict], dict]:
-    """Decode, annotate and cut one video.
+def process_video(src: Path, rel: Path, cfg: VideoConfig, out_path: str | os.PathLike, identity: int) -> dict:
+    """Decode, annotate and cut one video, writing its clips to ``out_path`` (an Arrow file).
+
+    Works segment by segment (``cfg.segment_frames``), so memory does not grow with the video's
+    length; clip windows do not straddle segments.
 
     Returns:
-        clips (dicts of the schema, without ``identity``), info for the report (frames, fps, ...).
+        info for the report: frames, fps, face_frames, clips (and warning, if ffmpeg complained).
     Raises:
-        SkipVideo: the video is not usable; the message says why.
+        SkipVideo: the video is not usable; the message says why. ``out_path`` is removed then.
     """
     use_mp = cfg.landmarks_from is None
     decode_size = max(cfg.size, cfg.detect_size) if use_mp else cfg.size
-    frames, fps = decode_video(src / rel, decode_size, cfg.max_frames, cfg.timeout_s)
-    n = len(frames)
-    if n < cfg.frames_per_clip:
-        raise SkipVideo(f"too short: {n} frames < {cfg.frames_per_clip} frames per clip")
-    if use_mp:
-        lmk = mediapipe_landmarks(frames, cfg.mediapipe_python, cfg.timeout_s)
-        if decode_size != cfg.size:
-            frames = np.stack([np.asarray(Image.fromarray(f).resize((cfg.size, cfg.size), Image.BOX)) for f in frames])
-    else:
-        lmk = precomputed_landmarks(cfg.landmarks_from, rel)
-        if cfg.max_frames and len(lmk) > n:
-            lmk = lmk[:n]
-        if len(lmk) != n:
-            raise SkipVideo(f"landmarks have {len(lmk)} frames, the video decoded to {n}")
-    valid = np.all(np.isfinite(lmk), axis=(1, 2))
-    if not valid.any():
-        raise SkipVideo(f"no face found in any of {n} frames")
-    starts = clip_starts(valid, cfg.frames_per_clip, cfg.clip_hop or cfg.frames_per_clip, cfg.max_clips_per_video)
-    if not starts:
-        raise SkipVideo(f"no {cfg.frames_per_clip}-frame window with a face in every frame "
-                        f"(face in {int(valid.sum())}/{n} frames)")
-    lmk_px = lmk * np.float32(cfg.size)
-    clips = []
-    for s in starts:
-        window = slice(s, s + cfg.frames_per_clip)
-        clips.append({"frames": frames[window], "landmarks": lmk_px[window],
-                      "pose": draw_pose_sequence(lmk_px[window], cfg.size), "fps": float(fps),
-                      "source": f"video:{rel.as_posix()}:start={s}"})
-    return clips, {"frames": n, "fps": fps, "face_frames": int(valid.sum()), "clips": len(clips)}
+    pre = None  # precomputed landmarks, loaded once the video proves readable (the likelier problem)
+    reader = VideoReader(src / rel, decode_size, cfg.max_frames, cfg.segment_frames, cfg.timeout_s)
+    hop = cfg.clip_hop or cfg.frames_per_clip
+    face_frames = 0
+    try:
+        with ClipFileWriter(out_path, clip_features(cfg.frames_per_clip, cfg.size, cfg.size)) as writer:
+            for seg in reader.segments():
+                t0 = reader.num_frames - len(seg)
+                if use_mp:
+                    lmk = mediapipe_landmarks(seg, cfg.mediapipe_python, cfg.timeout_s)
+                else:
+                    if pre is None:
+                        pre = precomputed_landmarks(cfg.landmarks_from, rel)
+                    lmk = pre[t0:t0 + len(seg)]
+                    if len(lmk) < len(seg):
+                        raise SkipVideo(f"landmarks have {len(pre)} frames, the video has more")
+                if decode_size != cfg.size:
+                    seg = np.stack([np.asarray(Image.fromarray(f).resize((cfg.size, cfg.size), Image.BOX)) for f in seg])
+                valid = np.all(np.isfinite(lmk), axis=(1, 2))
+                face_frames += int(valid.sum())
+                left = None if cfg.max_clips_per_video is None else cfg.max_clips_per_video - writer.count
+                if left == 0:
+                    continue
+                lmk_px = lmk * np.float32(cfg.size)
+                clips = []
+                for s in clip_starts(valid, cfg.frames_per_clip, hop, left):
+                    w = slice(s, s + cfg.frames_per_clip)
+                    clips.append({"frames": seg[w], "landmarks": lmk_px[w], "identity": identity,
+                                  "pose": draw_pose_sequence(lmk_px[w], cfg.size), "fps": float(reader.fps),
+                                  "source": f"video:{rel.as_posix()}:start={t0 + s}"})
+                writer.write(clips)
+        n = reader.num_frames
+        if pre is not None and len(pre) != n and not (cfg.max_frames and n == cfg.max_frames):
+            raise SkipVideo(f"landmarks have {len(pre)} frames, the video decoded to {n}")
+        if n < cfg.frames_per_clip:
+            raise SkipVideo(f"too short: {n} frames < {cfg.frames_per_clip} frames per clip")
+        if face_frames == 0:
+            raise SkipVideo(f"no face found in any of {n} frames")
+        if writer.count == 0:
+            raise SkipVideo(f"no {cfg.frames_per_clip}-frame window with a face in every frame "
+                            f"(face in {face_frames}/{n} frames)")
+    except BaseException:
+        Path(out_path).unlink(missing_ok=True)
+        raise
+    info = {"frames": reader.num_frames, "fps": reader.fps, "face_frames": face_frames, "clips": writer.count}
+    if reader.warning:
+        info["warning"] = reader.warning
+    return info
 
 
 def _video_job(job: tuple[str, str, int, str, VideoConfig]) -> dict:
@@ -242,10 +300,7 @@ def _video_job(job: tuple[str, str, int, str, VideoConfig]) -> dict:
     src, rel, identity, path, cfg = job
     entry = {"path": rel, "identity": identity_key(Path(rel))}
     try:
-        clips, info = process_video(Path(src), Path(rel), cfg)
-        for c in clips:
-            c["identity"] = identity
-        write_arrow_file(path, clips, clip_features(cfg.frames_per_clip, cfg.size, cfg.size))
+        info = process_video(Path(src), Path(rel), cfg, path, identity)
         entry.update(status="ok", file=path, **info)
     except SkipVideo as e:
         entry.update(status="skipped", reason=str(e))
@@ -281,6 +336,8 @@ def build_dataset(src: str | os.PathLike, out_dir: str | os.PathLike, cfg: Video
         raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {src}")
     if cfg.frames_per_clip < 1 or cfg.size < 8:
         raise ValueError(f"need frames_per_clip >= 1 and size >= 8, got {cfg.frames_per_clip}, {cfg.size}")
+    if cfg.segment_frames < cfg.frames_per_clip:
+        raise ValueError(f"segment_frames ({cfg.segment_frames}) must be >= frames_per_clip ({cfg.frames_per_clip})")
     if cfg.landmarks_from is None:
         if not cfg.mediapipe_python:
             raise ValueError(f"need --landmarks-from DIR or a mediapipe interpreter (--mediapipe-python PATH "

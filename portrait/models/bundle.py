@@ -76,7 +76,7 @@ class ModelConfig:
     ))
     motion: dict[str, Any] = field(default_factory=lambda: dict(num_attention_heads=4))
     vae: dict[str, Any] = field(default_factory=lambda: dict(
-        block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, sample_size=64,
+        block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=16, latent_channels=4, sample_size=64,
     ))
     image_encoder: dict[str, Any] = field(default_factory=lambda: dict(
         hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
@@ -253,8 +253,19 @@ class Pose2VideoModel(nn.Module):
             return self.denoising_unet(x.to(self.denoising_unet.dtype), t, encoder_hidden_states=enc, timestep_cond=timestep_cond).sample
 
     # -- folder I/O -----------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, model_card: str | None = None, metadata: dict | None = None) -> Path:
-        """Write the model folder atomically (temp sibling folder, then rename)."""
+    def save_pretrained(self, path: str | Path, model_card: str | None = None, metadata: dict | None = None,
+                        storage_dtype: torch.dtype | None = None) -> Path:
+        """Write the model folder atomically (temp sibling folder, then rename).
+
+        ``storage_dtype`` (e.g. ``torch.float16``) stores a cast copy, halving the folder; ``from_pretrained``
+        loads it back as fp32 unless asked for another dtype.
+        """
+        if storage_dtype is not None and storage_dtype != self.dtype:
+            import copy
+
+            clone = copy.deepcopy(self).to(storage_dtype)
+            clone.metadata["storage_dtype"] = str(storage_dtype).replace("torch.", "")
+            return clone.save_pretrained(path, model_card, metadata)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.metadata)
@@ -287,7 +298,7 @@ class Pose2VideoModel(nn.Module):
         try:
             kw = dict(torch_dtype=dtype) if dtype is not None else {}
             vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
-            image_encoder = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", **({"dtype": dtype} if dtype else {}))
+            image_encoder = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", dtype=dtype or torch.float32)
             reference_unet = UNet2DConditionModel.from_pretrained(path / "reference_unet", **kw)
             pruned = info.get("metadata", {}).get("pruned_widths")
             if pruned:

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers import Transformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers import Transformer2DModel
 from torch import nn
 
 POSE_GUIDER_MODES = ("faithful", "clean")
