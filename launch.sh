@@ -26,7 +26,9 @@ case "$job" in
   teacher|distill|prune|interpolator)
     if [[ ! -f "train/$job.py" ]]; then echo "error: train/$job.py is not implemented yet (see the open issues)" >&2; exit 2; fi
     train_job "$job" "$@" ;;
-  bench) exec python -m infer.benchmark "$@" ;;
+  bench)
+    if [[ ! -f infer/benchmark.py ]]; then echo "error: the benchmark is not implemented yet (see the open issues)" >&2; exit 2; fi
+    exec python -m infer.benchmark "$@" ;;
   quickstart)
     if [[ ! -f scripts/quickstart.sh ]]; then echo "error: the quickstart is not implemented yet (see the open issues)" >&2; exit 2; fi
     exec bash scripts/quickstart.sh "$@" ;;

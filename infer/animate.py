@@ -3,6 +3,10 @@
     python -m infer.animate --model MODEL_DIR --ref ref.png --pose pose.mp4 --out out.mp4
     python -m infer.animate --model MODEL_DIR --ref ref.png --pose poses/ --out out.mp4 --steps 25 --guidance 3.5
     python -m infer.animate --model MODEL_DIR --ref ref.png --pose landmarks.npy --out out.mp4 --fps 25 --seed 42
+    python -m infer.animate --model STUDENT_DIR --ref ref.png --pose pose.mp4 --out out.mp4 --steps 4 --guidance 3.5
+
+A distilled student folder records its sampler (lcm / phased / ddim) and default step count; --sampler and
+--steps override them.
 
 POSE is a pose video, a folder of pose images, or a .npy of 68-point landmarks (F, 68, 2) in pixels of the
 model resolution. The output is an h264 mp4 at the source fps. The device is cuda when available, else cpu.
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 
 from infer.io import InputError, read_image, read_pose, write_video
 from infer.pipeline import GenerationConfig, Pose2VideoPipeline
+from infer.samplers import SAMPLERS
 from portrait.models.bundle import ModelFolderError, Pose2VideoModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pose", required=True, help="pose video, folder of pose images, or .npy landmarks (F, 68, 2)")
     ap.add_argument("--out", required=True, help="output .mp4")
     ap.add_argument("--ref-pose", default=None, help="reference pose image (ignored by the faithful pose guider, as upstream)")
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, e.g. 4 for a 4-step student; 25 for the teacher)")
     ap.add_argument("--guidance", type=float, default=3.5, help="CFG scale; for guidance-distilled students the embedded w")
+    ap.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's own (students record theirs), else ddim")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--height", type=int, default=None, help="must equal the model resolution if given")
     ap.add_argument("--width", type=int, default=None, help="must equal the model resolution if given")
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         print("error: --steps must be >= 1", file=sys.stderr)
         return 2
     try:
@@ -69,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    gen = GenerationConfig(steps=args.steps, guidance=args.guidance, context_frames=args.context_frames,
+    steps = args.steps if args.steps is not None else int(model.metadata.get("default_steps", 25))
+    gen = GenerationConfig(steps=steps, guidance=args.guidance, sampler=args.sampler, context_frames=args.context_frames,
                            context_overlap=args.context_overlap, legacy_loop=args.legacy_loop)
     pipe = Pose2VideoPipeline(model)
+    print(f"sampler {pipe.sampler_name(gen)}, {steps} steps, guidance {args.guidance:g}")
     generator = torch.Generator().manual_seed(args.seed)
     t1 = time.time()
     frames = pipe(ref, pose, gen, generator, progress=lambda ts: tqdm(ts, desc="denoising", unit="step"))

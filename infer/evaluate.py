@@ -110,7 +110,7 @@ def evaluate(model_dir: str, data: str, rows: list[tuple[str, GenerationConfig]]
             secs += dt
             per.append(video_metrics(out, c.target, c.landmarks, probe=probe))
         row = mean_metrics(per)
-        row.update({"steps": gen.steps, "guidance": gen.guidance, "sampler": gen.sampler,
+        row.update({"steps": gen.steps, "guidance": gen.guidance, "sampler": pipe.sampler_name(gen),
                     "sec_per_frame": secs / (len(eval_clips) * frames)})
         result["rows"][name] = row
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)

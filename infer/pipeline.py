@@ -33,7 +33,7 @@ from portrait.models.guidance import guidance_embedding
 class GenerationConfig:
     steps: int = 25
     guidance: float = 3.5
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the model folder's default (metadata["sampler"]; "ddim" for the teacher)
     context_frames: int = 16
     context_overlap: int = 4
     legacy_loop: bool = False
@@ -205,9 +205,13 @@ class Pose2VideoPipeline:
             latents = torch.randn((1, m.vae.config.latent_channels, f, h, h), generator=generator, dtype=torch.float32)
         latents = latents.to(m.device, torch.float32)
         scheduler = m.make_scheduler()
-        sampler = get_sampler(gen.sampler)
+        sampler = get_sampler(self.sampler_name(gen), **m.metadata.get("sampler_options", {}))
         latents = sampler(self.model_fn(prep, gen), latents, scheduler, gen.steps, generator=generator, progress=progress)
         return self.decode(latents, 1 if gen.legacy_loop else gen.decode_batch_size)
+
+    def sampler_name(self, gen: GenerationConfig) -> str:
+        """The sampler ``gen`` asks for, else the model's own (students record theirs), else ``ddim``."""
+        return gen.sampler or self.model.metadata.get("sampler") or "ddim"
 
     def decode(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
         z = latents[0].permute(1, 0, 2, 3)  # (F, 4, h, w)

@@ -17,7 +17,7 @@ def _lazy(module: str, name: str) -> type:
 
 
 class _Schemas(dict):
-    _LAZY = {"teacher": ("train.teacher", "TeacherConfig")}
+    _LAZY = {"teacher": ("train.teacher", "TeacherConfig"), "distill": ("train.distill", "DistillConfig")}
 
     def __missing__(self, key):
         if key in self._LAZY:

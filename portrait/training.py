@@ -120,6 +120,7 @@ def make_accelerator(train: TrainConfig, run_dir: Path) -> Accelerator:
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=False),
         kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimiser step, on every world size
     )
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.ERROR, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("accelerate", "accelerate.accelerator", "accelerate.checkpointing", "DeepSpeed", "torch.distributed"):
@@ -261,6 +262,24 @@ class EMACheckpoint:
         self.ema.load_state_dict(d)
 
 
+def drop_unused_parameters(params: list[torch.nn.Parameter], loss_fn) -> list[torch.nn.Parameter]:
+    """Freeze trainable parameters that receive no gradient from ``loss_fn()`` and return the rest.
+
+    Example: the reference UNet's last transformer block after its ``attn1`` input never reaches the bank.
+    DDP requires every trainable parameter to get a gradient each step; freezing them (they would never
+    change anyway) is exact and cheaper than ``find_unused_parameters=True``. One extra forward/backward.
+    """
+    for p in params:
+        p.grad = None
+    loss_fn().backward()
+    used = [p for p in params if p.grad is not None]
+    for p in params:
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+    return used
+
+
 def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, manager: CheckpointManager) -> None:
     """Stop every process with one clear message if any process's loss is NaN/inf."""
     flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
@@ -272,6 +291,23 @@ def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, manage
             f"non-finite loss ({loss.detach().float().item()}) at step {step}: training stopped without saving. "
             f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; re-running resumes from it. "
             f"Check the data for NaN/inf or lower train.lr.")
+
+
+def grad_norm(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Total gradient norm after the all-reduce (before clipping); clips when ``max_norm > 0``."""
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def append_metrics(accelerator: Accelerator, run_dir: Path, step: int, values: dict) -> None:
+    """Append one JSON line per logged step to ``run_dir/metrics.jsonl`` (rank 0): a tracker-independent record."""
+    if not accelerator.is_main_process:
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
 
 
 def lr_scheduler(optimizer, train: TrainConfig):
@@ -305,11 +341,17 @@ def log_video(accelerator: Accelerator, key: str, frames, fps: float, step: int)
     if not accelerator.is_main_process or accelerator.trackers == []:
         return
     try:
-        import numpy as np
+        import tempfile
+
         import wandb
 
-        tracker = accelerator.get_tracker("wandb", unwrap=True)
-        tracker.log({key: wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=int(fps), format="gif")}, step=step)
+        from infer.io import write_gif
+
+        # wandb.Video(array) needs moviepy; a GIF file written by us does not.
+        with tempfile.TemporaryDirectory() as tmp:
+            gif = write_gif(Path(tmp) / "video.gif", frames, fps)
+            tracker = accelerator.get_tracker("wandb", unwrap=True)
+            tracker.log({key: wandb.Video(str(gif), format="gif")}, step=step)
     except Exception as e:
         logger.warning(f"could not log {key}: {e}")
 

@@ -69,7 +69,7 @@ class TeacherConfig:
     init_from: str | None = None  # a model folder to start the first stage from instead
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     export_dir: str = "runs/teacher/tiny/model"
-    vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=3000, batch_size=16, lr=1e-3, num_frames=1))
+    vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=1250, batch_size=16, lr=1e-3, num_frames=1))
     stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=1400, batch_size=16, lr=3e-4, num_frames=1))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=400, batch_size=2, lr=2e-4, num_frames=8))
     sample_steps: int = 25
@@ -130,11 +130,18 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
     data_path = T.ensure_dataset(cfg.data, accelerator)
     dataset = ClipDataset(data_path, "train", num_frames=sc.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
     plan = T.GlobalBatchPlan(len(dataset), train.batch_size, micro, train.seed)
+    if stage != "vae":
+        probe_batch = T.load_items(dataset, plan.items(0, 0, 0, 1)[:1])
+        n_before = len(params)
+        params = T.drop_unused_parameters(params, lambda: objective(probe_batch, [T.sample_generator(train.seed, -1, "probe")])[0])
+        T.logger.info(f"[{stage}] froze {n_before - len(params)} parameter tensors that never receive a gradient")
     # 4. optimiser / EMA ---------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     sched = T.lr_scheduler(optimizer, train)
     ema = T.make_ema(params, train.ema_decay)
     state = T.TrainState()
+    # The accelerator is built with step_scheduler_with_optimizer=False: we step the LR schedule once per optimiser
+    # step ourselves, instead of accelerate's once per process, so the schedule is the same for any world size.
     objective, optimizer, sched = accelerator.prepare(objective, optimizer, sched)
     accelerator.register_for_checkpointing(T.EMACheckpoint(ema), state)
     # 5. resume -----------------------------------------------------------------------------------
@@ -142,6 +149,7 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
     # 6. loop -------------------------------------------------------------------------------------
     bar = tqdm(total=train.max_steps, initial=state.step, desc=stage, disable=not accelerator.is_main_process, dynamic_ncols=True)
     t_start = time.time() - state.wall_seconds
+    grad_norm = 0.0
     while state.step < train.max_steps:
         for micro_step in range(train.grad_accum_steps):
             items = plan.items(state.step, micro_step, accelerator.process_index, accelerator.num_processes)
@@ -157,11 +165,11 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
                     loss, logs = objective(batch, gens)
                 T.check_finite(accelerator, loss, state.step, manager)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, train.max_grad_norm)
+                if accelerator.sync_gradients:
+                    grad_norm = T.grad_norm(accelerator, params, train.max_grad_norm)
                 optimizer.step()
-                sched.step()
                 optimizer.zero_grad(set_to_none=True)
+        sched.step()
         ema.step(params)
         state.step += 1
         state.samples_seen += train.batch_size
@@ -169,8 +177,10 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
         bar.update(1)
         if T.schedule_due(state.step, train.log_every, train.max_steps):
             vals = {f"{stage}/loss": accelerator.reduce(loss.detach(), "mean").item(), f"{stage}/lr": T.lr_of(optimizer),
-                    f"{stage}/samples_seen": state.samples_seen, **{f"{stage}/{k}": float(v) for k, v in logs.items()}}
+                    f"{stage}/grad_norm": grad_norm, f"{stage}/samples_seen": state.samples_seen,
+                    **{f"{stage}/{k}": float(accelerator.reduce(v.detach().float(), "mean")) for k, v in logs.items()}}
             accelerator.log(vals, step=state.step)
+            T.append_metrics(accelerator, stage_dir, state.step, vals)
             bar.set_postfix(loss=f"{vals[f'{stage}/loss']:.4f}")
         if T.schedule_due(state.step, train.checkpoint_every, train.max_steps):
             manager.save(accelerator, state.step, {"stage": stage, "samples_seen": state.samples_seen})

@@ -234,7 +234,8 @@ class Pose2VideoModel(nn.Module):
         return self.pose_guider(pose.to(self.pose_guider.dtype))
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, encoder_states: torch.Tensor, pose_feats: list[torch.Tensor] | None,
-                bank: dict[str, torch.Tensor] | None, active: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                bank: dict[str, torch.Tensor] | None, active: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None,
+                unet: UNetMotionModel | None = None) -> torch.Tensor:
         """One denoising-UNet evaluation.
 
         Args:
@@ -244,13 +245,40 @@ class Pose2VideoModel(nn.Module):
             bank: reference tokens {path: (B, N, C)} or None / {} for no reference attention.
             active: (B,) bool, samples that read the bank (None = all).
             timestep_cond: (B, cond_dim) guidance embedding for students with ``time_cond_proj_dim``.
+            unet: another denoising UNet made runnable by :meth:`attach_unet` (distillation's frozen teacher /
+                target copies); None = this bundle's ``denoising_unet``.
         Returns:
             (B, 4, F, h, w) model output in the scheduler's prediction type (v for the teacher).
         """
         f = x.shape[2]
-        enc = encoder_states.to(self.denoising_unet.dtype).repeat_interleave(f, dim=0)
-        with self.reference.read(bank, f, active), self.pose_injection.use(pose_feats):
-            return self.denoising_unet(x.to(self.denoising_unet.dtype), t, encoder_hidden_states=enc, timestep_cond=timestep_cond).sample
+        net = self.denoising_unet if unet is None else unet
+        injection = self.pose_injection if unet is None else self._extra_injection(unet)
+        enc = encoder_states.to(net.dtype).repeat_interleave(f, dim=0)
+        with self.reference.read(bank, f, active), injection.use(pose_feats):
+            return net(x.to(net.dtype), t, encoder_hidden_states=enc, timestep_cond=timestep_cond).sample
+
+    def attach_unet(self, unet: UNetMotionModel) -> UNetMotionModel:
+        """Give another denoising UNet this bundle's behaviour so ``denoise(..., unet=unet)`` runs it.
+
+        Installs the per-frame motion GroupNorm, reference-attention readers on *this* bundle's bank and
+        pose-injection hooks. The UNet is NOT registered as a submodule (distillation keeps its frozen teacher
+        and EMA target outside the accelerate-prepared module). Call again after :meth:`attach`.
+        """
+        make_motion_norms_per_frame(unet)
+        self.reference.install(unet, write=False)
+        old = unet.__dict__.get("_fastportrait_pose_injection")
+        if old is not None:
+            for h in old.handles:
+                h.remove()
+        unet.__dict__["_fastportrait_pose_injection"] = PoseInjection(unet)  # plain attribute, not a submodule
+        return unet
+
+    @staticmethod
+    def _extra_injection(unet: UNetMotionModel) -> PoseInjection:
+        inj = unet.__dict__.get("_fastportrait_pose_injection")
+        if inj is None:
+            raise RuntimeError("this UNet was not attached to the bundle: call model.attach_unet(unet) first")
+        return inj
 
     # -- folder I/O -----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, model_card: str | None = None, metadata: dict | None = None,

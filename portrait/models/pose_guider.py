@@ -18,7 +18,9 @@ Two upstream quirks are reproduced in ``mode="faithful"`` (what the weight impor
    ``encoder_hidden_states`` but the blocks have no ``attn2``, so the reference pose has no effect.
    We therefore do not compute the reference-pose branch at all (same outputs, less work).
 2. Upstream never calls ``.eval()`` on the pose guider, so BatchNorm always normalises with the
-   statistics of the current call's batch (all frames of the window). ``faithful`` forces that.
+   statistics of the current call's batch: all frames of the window of the one video it animates.
+   ``faithful`` forces that, with statistics taken per video (identical for upstream's batch of one video;
+   see :func:`_video_batch_norm`).
 
 ``mode="clean"`` uses ordinary train/eval BatchNorm semantics (running statistics at inference),
 which makes a frame's features independent of the other frames in its window.
@@ -42,6 +44,25 @@ def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int, padding: int)
         nn.BatchNorm2d(c_out),
         nn.ReLU(),
     ]
+
+
+def _video_batch_norm(x: torch.Tensor, batch: int, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Upstream quirk 2 (BatchNorm in train mode at inference), with statistics per *video*.
+
+    Upstream always runs the guider on one video, (F, C, H, W), so its batch statistics are those of that video's
+    frames. Taking statistics per video in a batch of B videos reproduces that exactly for B=1 and makes training
+    independent of how samples are grouped into batches and processes (so 2-process DDP equals 1 process).
+    Running statistics are never updated (upstream's inference never reads them).
+
+    x: (B*F, C, H, W) -> same shape.
+    """
+    n, c, h, w = x.shape
+    v = x.float().reshape(batch, n // batch, c, h, w)
+    mean = v.mean(dim=(1, 3, 4), keepdim=True)
+    var = v.var(dim=(1, 3, 4), keepdim=True, unbiased=False)
+    y = (v - mean) * torch.rsqrt(var + bn.eps)
+    y = y * bn.weight.view(1, 1, c, 1, 1) + bn.bias.view(1, 1, c, 1, 1)
+    return y.reshape(n, c, h, w).to(x.dtype)
 
 
 class PoseGuider(ModelMixin, ConfigMixin):
@@ -128,14 +149,12 @@ class PoseGuider(ModelMixin, ConfigMixin):
         n = self.config.noise_latent_channels
         return [n] + [n * m for m in self.config.channel_mult]
 
-    def _run(self, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, seq: nn.Sequential, x: torch.Tensor, batch: int) -> torch.Tensor:
         if self.config.mode != "faithful":
             return seq(x)
         for m in seq:
             if isinstance(m, nn.BatchNorm2d):
-                # Upstream quirk 2: batch statistics always, and (as in upstream's train-mode modules at
-                # inference) running stats are never updated by inference calls here.
-                x = F.batch_norm(x, None, None, m.weight, m.bias, training=True, momentum=0.0, eps=m.eps)
+                x = _video_batch_norm(x, batch, m)
             else:
                 x = m(x)
         return x
@@ -155,10 +174,10 @@ class PoseGuider(ModelMixin, ConfigMixin):
             raise ValueError(f"pose must be (B, 3, F, H, W), got shape {tuple(pose.shape)}")
         b, c, f, h, w = pose.shape
         x = pose.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        x = self.final_proj(self._run(self.conv_layers, x)) * self.scale
+        x = self.final_proj(self._run(self.conv_layers, x, b)) * self.scale
         feats = [x]
         for i in range(1, 5):
-            x = self._run(getattr(self, f"conv_layers_{i}"), x)
+            x = self._run(getattr(self, f"conv_layers_{i}"), x, b)
             x = getattr(self, f"cross_attn{i}")(x).sample
             feats.append(x)
         return feats
