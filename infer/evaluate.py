@@ -84,8 +84,24 @@ def mean_metrics(per_clip: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in per_clip])) for k in keys}
 
 
+def save_samples(out_dir: Path, name: str, clip: EvalClip, video: torch.Tensor, fps: float = 8.0) -> list[Path]:
+    """A grid PNG (rows = frames 0, 4, 8, ...; columns = reference | pose | ground truth | output) and a GIF."""
+    from PIL import Image
+
+    from infer.io import write_gif
+
+    out = (video.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    gt = (clip.target.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    strip = np.concatenate([np.repeat(clip.ref[None], len(out), 0), clip.pose, gt, out], axis=2)  # (F, H, 4W, 3)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"{name}_clip{clip.index}.png"
+    Image.fromarray(np.concatenate(list(strip[::4]), axis=0)).resize((strip.shape[2] * 3, strip[::4].shape[0] * strip.shape[1] * 3), Image.NEAREST).save(png)
+    gif = write_gif(out_dir / f"{name}_clip{clip.index}.gif", np.stack([np.asarray(Image.fromarray(f).resize((f.shape[1] * 3, f.shape[0] * 3), Image.NEAREST)) for f in strip]), fps)
+    return [png, gif]
+
+
 def evaluate(model_dir: str, data: str, rows: list[tuple[str, GenerationConfig]], split: str = "test", clips: int = 16,
-             frames: int = 16, probe_dir: str | None = None, baselines: bool = True) -> dict:
+             frames: int = 16, probe_dir: str | None = None, baselines: bool = True, samples_dir: str | None = None) -> dict:
     from portrait.models.bundle import Pose2VideoModel
     from portrait.models.landmark_probe import load_probe, predict_video_landmarks
 
@@ -108,6 +124,8 @@ def evaluate(model_dir: str, data: str, rows: list[tuple[str, GenerationConfig]]
         for c in tqdm(eval_clips, desc=name, leave=False):
             out, dt = generate(pipe, c, gen)
             secs += dt
+            if samples_dir and c is eval_clips[0]:
+                save_samples(Path(samples_dir), name, c, out)
             per.append(video_metrics(out, c.target, c.landmarks, probe=probe))
         row = mean_metrics(per)
         row.update({"steps": gen.steps, "guidance": gen.guidance, "sampler": pipe.sampler_name(gen),
@@ -135,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--row", action="append", default=[], help="name:steps=N,guidance=W (repeatable)")
     ap.add_argument("--probe", default=None, help="landmark probe folder (default: the shipped one)")
     ap.add_argument("--out", default=None, help="write the result JSON (and a .md table beside it)")
+    ap.add_argument("--samples", default=None, help="folder for a grid PNG + GIF of the first clip per row")
     args = ap.parse_args(argv)
     try:
         rows = [parse_row(r) for r in (args.row or ["teacher:steps=25,guidance=3.5"])]
-        result = evaluate(args.model, args.data, rows, args.split, args.clips, args.frames, args.probe)
+        result = evaluate(args.model, args.data, rows, args.split, args.clips, args.frames, args.probe, samples_dir=args.samples)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -244,6 +244,8 @@ def flicker(pred, target=None, frame_mask=None) -> float:
 
         flicker = 255 * mean_{t, c, y, x} | (pred_t - pred_{t-1}) - (target_t - target_{t-1}) |
 
+    Equivalently, the frame-to-frame change of the error image ``pred_t - target_t``: an error that
+    stays put (a colour bias, a slightly wrong face) scores 0, an error that moves or blinks scores.
     The ground truth's own frame-to-frame change is real motion, so only change it does not have counts:
     a static video against a static target scores 0 however wrong its pixels are (that is PSNR's job),
     and a video that alternates between two images scores high. This is the pixel-space form of the

@@ -69,9 +69,9 @@ class TeacherConfig:
     init_from: str | None = None  # a model folder to start the first stage from instead
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     export_dir: str = "runs/teacher/tiny/model"
-    vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=1250, batch_size=16, lr=1e-3, num_frames=1))
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=1400, batch_size=16, lr=3e-4, num_frames=1))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=400, batch_size=2, lr=2e-4, num_frames=8))
+    vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=3000, batch_size=16, lr=1e-3, num_frames=1))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=4000, batch_size=16, lr=3e-4, num_frames=1))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=800, batch_size=2, lr=2e-4, num_frames=8))
     sample_steps: int = 25
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: T.DataConfig = field(default_factory=T.DataConfig)

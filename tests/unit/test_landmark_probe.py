@@ -29,7 +29,7 @@ SHIPPED_NME_THRESHOLD = 0.06
 
 def _tiny_probe(seed=0):
     torch.manual_seed(seed)
-    return LandmarkProbe(size=32, widths=(8, 16, 16))
+    return LandmarkProbe(size=32, widths=(16, 16, 16))
 
 
 def test_forward_shape_and_range():
@@ -88,7 +88,7 @@ def test_load_errors_are_clear(tmp_path):
 
     def widen(d):
         cfg = json.loads((d / CONFIG_FILE).read_text())
-        cfg["widths"] = [16, 16, 16]
+        cfg["widths"] = [32, 16, 16]
         (d / CONFIG_FILE).write_text(json.dumps(cfg))
 
     with pytest.raises(ValueError, match="do not match its config"):
@@ -124,8 +124,12 @@ def test_probe_identities_are_disjoint():
 
 
 def test_train_cli_smoke(tmp_path):
-    metrics = main(["--out", str(tmp_path / "p"), "--clips", "2", "--steps", "2", "--size", "32",
-                    "--eval-clips", "1", "--batch-size", "4"])
+    threads = torch.get_num_threads()
+    try:  # 1 thread: 2 threads on a busy 2-core runner are far slower (see the CLI's --threads help)
+        metrics = main(["--out", str(tmp_path / "p"), "--clips", "2", "--steps", "2", "--size", "32",
+                        "--eval-clips", "1", "--batch-size", "4", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "p" / METRICS_FILE).read_text())
     assert saved == metrics
     assert {"heldout_nme", "baseline_copy_first_frame_nme", "train_seconds"} <= set(saved)
