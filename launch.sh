@@ -32,6 +32,9 @@ case "$job" in
   quickstart)
     if [[ ! -f scripts/quickstart.sh ]]; then echo "error: the quickstart is not implemented yet (see the open issues)" >&2; exit 2; fi
     exec bash scripts/quickstart.sh "$@" ;;
-  test) exec python -m pytest -q "$@" ;;
+  test)
+    # default: everything but tests marked slow (CI runs this); pass pytest args to choose, e.g. `-m slow` or `tests/unit`
+    if [[ $# -eq 0 ]]; then exec python -m pytest -q -m "not slow"; fi
+    exec python -m pytest -q "$@" ;;
   *) echo "error: unknown job '$job' (teacher distill prune interpolator bench quickstart test)" >&2; exit 2 ;;
 esac

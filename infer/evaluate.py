@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the result JSON (and a .md table beside it)")
     ap.add_argument("--samples", default=None, help="folder for a grid PNG + GIF of the first clip per row")
     args = ap.parse_args(argv)
+    torch.set_flush_denormal(True)  # denormals slow CPU maths 10-100x (see portrait/training.py)
     try:
         rows = [parse_row(r) for r in (args.row or ["teacher:steps=25,guidance=3.5"])]
         result = evaluate(args.model, args.data, rows, args.split, args.clips, args.frames, args.probe, samples_dir=args.samples)

@@ -22,9 +22,10 @@ from portrait.models.landmark_probe import (
     save_probe,
 )
 
-# Twice the held-out NME the shipped probe measured at training time (its metrics.json, and the
-# closing note of the change that trained it); a fresh probe or a broken resize path fails this.
-SHIPPED_NME_THRESHOLD = 0.06
+# About twice the held-out NME the shipped probe measured when it was trained (0.035, its
+# metrics.json). Fresh clips score ~0.03 at 64 px and ~0.04 through the 128 px resize path; an
+# untrained probe scores ~0.27 (the mean-shape baseline) and copying frame 0 ~0.14.
+SHIPPED_NME_THRESHOLD = 0.07
 
 
 def _tiny_probe(seed=0):
