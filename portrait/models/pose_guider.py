@@ -29,7 +29,6 @@ which makes a frame's features independent of the other frames in its window.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import Transformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
