@@ -102,3 +102,14 @@ def test_bad_inputs_fail_clearly_and_write_nothing(case, tiny_model_dir, inputs,
     assert expect in err.getvalue()
     assert "Traceback" not in err.getvalue()
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_animate_reduced_precision_runs(tiny_model_dir, inputs, tmp_path, dtype):
+    from infer import animate
+
+    ref, pose = inputs
+    out = tmp_path / f"{dtype}.mp4"
+    assert animate.main(["--model", str(tiny_model_dir), "--ref", str(ref), "--pose", str(pose), "--out", str(out), "--steps", "1", "--dtype", dtype]) == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (7, 64, 64, 3)

@@ -23,12 +23,12 @@ def dataset(tmp_path_factory):
     return path
 
 
-@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path, dataset):
     # The logged loss and all-reduced gradient norm of every step must agree to float tolerance: different data,
     # BatchNorm statistics over a different grouping or a doubly-stepped LR schedule would all change them.
     common = ["stages=[stage1]", f"data.path={dataset}", "data.generate_clips=0", "train.tracker=none", "stage1.batch_size=4",
-              "stage1.max_steps=2", "data.strides=[1]", "train.lr_warmup_steps=0", "sample_steps=1", "train.threads=1"]
+              "stage1.max_steps=2", "data.strides=[1]", "train.lr_warmup_steps=0", "sample_steps=1", "train.threads=1",
+              "train.log_every=1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "train/teacher.py",
                           f"train.run_dir={tmp_path}/two", f"export_dir={tmp_path}/two/model", *common],
