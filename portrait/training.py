@@ -297,6 +297,27 @@ def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, manage
             f"Check the data for NaN/inf or lower train.lr.")
 
 
+def backward_step(accelerator: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer,
+                  train: TrainConfig, state: TrainState, manager: CheckpointManager) -> float | None:
+    """One micro-step inside ``accelerator.accumulate``: NaN guard, backward, clip + norm at the sync step, optimiser.
+
+    Returns the all-reduced gradient norm at the sync step, else None.
+    """
+    check_finite(accelerator, loss, state.step, manager)
+    accelerator.backward(loss)
+    norm = grad_norm(accelerator, params, train.max_grad_norm) if accelerator.sync_gradients else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def advance(state: TrainState, train: TrainConfig, t_start: float) -> None:
+    """Count one optimiser step in samples seen (DESIGN §3.5)."""
+    state.step += 1
+    state.samples_seen += train.batch_size
+    state.wall_seconds = time.time() - t_start
+
+
 def grad_norm(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Total gradient norm after the all-reduce (before clipping); clips when ``max_norm > 0``."""
     if max_norm > 0:

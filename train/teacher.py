@@ -163,17 +163,11 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
                     loss, logs = objective(frames, eps.to(accelerator.device))
                 else:
                     loss, logs = objective(batch, gens)
-                T.check_finite(accelerator, loss, state.step, manager)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = T.grad_norm(accelerator, params, train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                norm = T.backward_step(accelerator, loss, params, optimizer, train, state, manager)
+                grad_norm = grad_norm if norm is None else norm
         sched.step()
         ema.step(params)
-        state.step += 1
-        state.samples_seen += train.batch_size
-        state.wall_seconds = time.time() - t_start
+        T.advance(state, train, t_start)
         bar.update(1)
         if T.schedule_due(state.step, train.log_every, train.max_steps):
             vals = {f"{stage}/loss": accelerator.reduce(loss.detach(), "mean").item(), f"{stage}/lr": T.lr_of(optimizer),
