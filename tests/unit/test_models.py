@@ -212,3 +212,49 @@ def test_save_is_atomic_and_keeps_previous_on_failure(tmp_path, tiny_model, monk
         tiny_model.save_pretrained(dst)
     assert sorted(p.name for p in dst.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp folder left behind"
+
+
+def test_full_size_config_builds_aniportrait_shapes_on_meta():
+    """configs/model/aniportrait.yaml builds exactly AniPortrait's parameter counts (fixture manifests)."""
+    from pathlib import Path
+
+    from portrait import config as config_lib
+    from portrait.models.bundle import ModelConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    fixtures = repo.parent / "shared" / "fixtures" / "aniportrait"
+    if not fixtures.is_dir():
+        pytest.skip(f"AniPortrait manifests not found at {fixtures}")
+    cfg = config_lib.load(ModelConfig, repo / "configs/model/aniportrait.yaml")
+    with torch.device("meta"):
+        model = Pose2VideoModel.from_config(cfg, seed=None)
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    man = {name: json.loads((fixtures / f"{name}.json").read_text()) for name in ("denoising_unet_with_motion_modules", "pose_guider", "reference_unet")}
+    full = json.loads((fixtures / "full_size_configs.json").read_text())
+    assert count(model.denoising_unet) == man["denoising_unet_with_motion_modules"]["num_params"]
+    assert count(model.pose_guider) == man["pose_guider"]["num_params"]
+    # reference_unet.pth lacks the 4 output-head tensors that UNet2DConditionModel has (filled with zeros on import)
+    head = sum(p.numel() for p in list(model.reference_unet.conv_out.parameters()) + list(model.reference_unet.conv_norm_out.parameters()))
+    assert count(model.reference_unet) - head == man["reference_unet"]["num_params"]
+    assert count(model.vae) == full["vae"]["num_params"]
+    assert count(model.image_encoder) == full["image_encoder"]["num_params"]
+    pg = {k: list(v.shape) for k, v in model.pose_guider.state_dict().items()}
+    assert pg == man["pose_guider"]["tensors"]
+
+
+def test_default_scheduler_reproduces_aniportrait_timesteps():
+    from pathlib import Path
+
+    fixtures = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "aniportrait" / "full_size_configs.json"
+    if not fixtures.is_file():
+        pytest.skip("AniPortrait manifests not found")
+    from diffusers import DDIMScheduler
+
+    from portrait.models.bundle import TEACHER_SCHEDULER
+
+    sched = DDIMScheduler(**TEACHER_SCHEDULER)
+    sched.set_timesteps(25)
+    assert sched.timesteps.tolist() == json.loads(fixtures.read_text())["ddim_timesteps_25_steps"]
