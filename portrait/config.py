@@ -101,5 +101,20 @@ def parse_cli(schema: type[T], argv: list[str] | None = None, description: str =
     return cfg, args.dry_run
 
 
+def run_script(schema: type[T], main, description: str, errors: tuple[type[BaseException], ...] = ()) -> int:
+    """The ``__main__`` of every ``train/`` script: parse, honour ``--dry-run``, run, and turn the expected
+    failures (bad config, NaN loss, missing inputs, ...) into one ``error:`` line and exit code 1."""
+    cfg, dry = parse_cli(schema, description=description)
+    if dry:
+        print(dump(cfg))
+        return 0
+    try:
+        main(cfg)
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def replace(cfg: T, **changes) -> T:
     return dataclasses.replace(cfg, **changes)

@@ -50,3 +50,13 @@ def tiny_model_dir(tmp_path_factory, tiny_model):
     path = tmp_path_factory.mktemp("models") / "tiny"
     tiny_model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def train_dataset(tmp_path_factory):
+    """A minimal synthetic dataset for training smoke tests: 24 clips x 8 frames at 64x64 (2 per identity)."""
+    from portrait.data.synthetic import generate_dataset
+
+    path = tmp_path_factory.mktemp("train_data") / "syn"
+    generate_dataset(path, 24, size=64, num_frames=8, seed=3, clips_per_identity=2, workers=1)
+    return path

@@ -246,12 +246,5 @@ def sample_and_log(cfg: DistillConfig, student: Pose2VideoModel, nets: FrozenNet
 
 
 if __name__ == "__main__":
-    config, dry = config_lib.parse_cli(DistillConfig, description="Distil the Pose2Video teacher into a few-step student (tiny CPU default).")
-    if dry:
-        print(config_lib.dump(config))
-        raise SystemExit(0)
-    try:
-        main(config)
-    except (T.NonFiniteLossError, config_lib.ConfigError, FileNotFoundError, ModelFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    raise SystemExit(config_lib.run_script(DistillConfig, main, "Distil the Pose2Video teacher into a few-step student (tiny CPU default).",
+                                           (T.NonFiniteLossError, FileNotFoundError, ModelFolderError)))

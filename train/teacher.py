@@ -267,12 +267,5 @@ def main(cfg: TeacherConfig) -> Path:
 
 
 if __name__ == "__main__":
-    config, dry = config_lib.parse_cli(TeacherConfig, description="Train the Pose2Video teacher (tiny CPU default).")
-    if dry:
-        print(config_lib.dump(config))
-        raise SystemExit(0)
-    try:
-        main(config)
-    except (T.NonFiniteLossError, config_lib.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    raise SystemExit(config_lib.run_script(TeacherConfig, main, "Train the Pose2Video teacher (tiny CPU default).",
+                                           (T.NonFiniteLossError, FileNotFoundError)))

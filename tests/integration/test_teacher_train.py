@@ -14,12 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from portrait.data.synthetic import generate_dataset
-
-    path = tmp_path_factory.mktemp("data") / "syn"
-    generate_dataset(path, 24, size=64, num_frames=8, seed=3, clips_per_identity=2, workers=1)
-    return path
+def dataset(train_dataset):
+    return train_dataset
 
 
 def _teacher(run_dir, data, *overrides, module=False, check=True):
