@@ -328,13 +328,7 @@ class Pose2VideoModel(nn.Module):
             vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
             image_encoder = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", dtype=dtype or torch.float32)
             reference_unet = UNet2DConditionModel.from_pretrained(path / "reference_unet", **kw)
-            pruned = info.get("metadata", {}).get("pruned_widths")
-            if pruned:
-                from prune.io import load_pruned_unet  # pruned shapes are rebuilt from the width manifest
-
-                denoising_unet = load_pruned_unet(path / "denoising_unet", pruned, dtype=dtype)
-            else:
-                denoising_unet = UNetMotionModel.from_pretrained(path / "denoising_unet", **kw)
+            denoising_unet = UNetMotionModel.from_pretrained(path / "denoising_unet", **kw)
             pose_guider = PoseGuider.from_pretrained(path / "pose_guider", **kw)
             scheduler_config = {k: v for k, v in DDIMScheduler.load_config(path / "scheduler").items() if not k.startswith("_")}
         except ModelFolderError:
@@ -379,7 +373,7 @@ def count_parameters(module: nn.Module) -> int:
 
 def default_model_card(model: Pose2VideoModel, meta: dict) -> str:
     rows = "\n".join(f"| {name} | {count_parameters(getattr(model, name)) / 1e6:.2f} M |" for name in COMPONENTS if name != "scheduler")
-    extra = "\n".join(f"- **{k}**: {v}" for k, v in meta.items() if k != "pruned_widths")
+    extra = "\n".join(f"- **{k}**: {v}" for k, v in meta.items())
     return f"""---
 library_name: fastportrait
 tags: [pose-to-video, portrait-animation, aniportrait]
