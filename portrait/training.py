@@ -166,6 +166,14 @@ class GlobalBatchPlan:
         return out
 
 
+def micro_batch(plan: GlobalBatchPlan, dataset, accelerator: Accelerator, step: int, micro_step: int, seed: int,
+                purpose: str) -> tuple[dict[str, torch.Tensor], list[torch.Generator]]:
+    """This process's micro-batch of ``step`` and one generator per sample (the data/noise contract, in one place)."""
+    batch = load_items(dataset, plan.items(step, micro_step, accelerator.process_index, accelerator.num_processes))
+    gens = [sample_generator(seed, sid, purpose) for sid in batch["sample_id"].tolist()]
+    return batch, gens
+
+
 def load_items(dataset, items: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
     """Fetch and collate ``items`` from a ``ClipDataset`` (its randomness is keyed by (seed, epoch, index))."""
     from portrait.data.dataset import collate_clips

@@ -157,9 +157,7 @@ def main(cfg: DistillConfig) -> Path:
     grad_norm = 0.0
     while state.step < train.max_steps:
         for micro_step in range(train.grad_accum_steps):
-            items = plan.items(state.step, micro_step, accelerator.process_index, accelerator.num_processes)
-            batch = T.load_items(dataset, items)
-            gens = [T.sample_generator(train.seed, sid, "distill") for sid in batch["sample_id"].tolist()]
+            batch, gens = T.micro_batch(plan, dataset, accelerator, state.step, micro_step, train.seed, "distill")
             with accelerator.accumulate(objective):
                 loss, logs = objective(batch, gens)
                 norm = T.backward_step(accelerator, loss, params, optimizer, train, state, manager)

@@ -152,9 +152,7 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
     grad_norm = 0.0
     while state.step < train.max_steps:
         for micro_step in range(train.grad_accum_steps):
-            items = plan.items(state.step, micro_step, accelerator.process_index, accelerator.num_processes)
-            batch = T.load_items(dataset, items)
-            gens = [T.sample_generator(train.seed, sid, stage) for sid in batch["sample_id"].tolist()]
+            batch, gens = T.micro_batch(plan, dataset, accelerator, state.step, micro_step, train.seed, stage)
             with accelerator.accumulate(objective):
                 if stage == "vae":
                     frames = to_unit(batch["target"]).flatten(0, 1).to(accelerator.device)
