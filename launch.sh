@@ -20,6 +20,9 @@ train_job() {
     exit 2
   fi
   if [[ "$acc_cfg" == *cpu* ]]; then export ACCELERATE_USE_CPU=1; fi
+  # DeepSpeed configs run on CPU as they are (DeepSpeed picks its CPU accelerator when no GPU is found);
+  # ACCELERATE_USE_CPU=1 would silently turn them into plain DDP, so it is dropped for them.
+  if [[ "$acc_cfg" == *deepspeed* ]]; then unset ACCELERATE_USE_CPU; fi
   exec accelerate launch --config_file "$acc_cfg" "train/$1.py" "${@:2}"
 }
 case "$job" in

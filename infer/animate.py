@@ -4,12 +4,21 @@
     python -m infer.animate --model MODEL_DIR --ref ref.png --pose poses/ --out out.mp4 --steps 25 --guidance 3.5
     python -m infer.animate --model MODEL_DIR --ref ref.png --pose landmarks.npy --out out.mp4 --fps 25 --seed 42
     python -m infer.animate --model STUDENT_DIR --ref ref.png --pose pose.mp4 --out out.mp4 --steps 4 --guidance 3.5
+    python -m infer.animate --model MODEL_DIR --ref ref.png --pose landmarks.npy --out out.mp4 \
+        --keyframes fixed:3 --interpolator runs/interpolator/tiny/model
+    python -m infer.animate --model MODEL_DIR --ref ref.png --pose landmarks.npy --out out.mp4 \
+        --keyframes adaptive:0.05 --interpolator blend
 
 A distilled student folder records its sampler (lcm / phased / ddim) and default step count; --sampler and
 --steps override them.
 
 POSE is a pose video, a folder of pose images, or a .npy of 68-point landmarks (F, 68, 2) in pixels of the
 model resolution. The output is an h264 mp4 at the source fps. The device is cuda when available, else cpu.
+
+--keyframes fixed:K | adaptive:EPS runs diffusion on the keyframes only (infer/keyframes.py) and fills the frames in
+between with --interpolator (an interpolator folder from `bash launch.sh interpolator`, or "blend" for a linear blend).
+The output has exactly the input's frame count and fps. adaptive needs landmarks (a .npy pose input); with a .npy
+the interpolator also gets its landmark flow prior, with pose images/videos it reads the pose images only.
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from infer.io import InputError, read_image, read_pose, write_video
+from infer.keyframes import KeyframeSpecError, parse_keyframes
 from infer.pipeline import GenerationConfig, Pose2VideoPipeline
 from infer.samplers import SAMPLERS
 from portrait.models.bundle import ModelFolderError, Pose2VideoModel
+from portrait.models.interpolator import InterpolatorFolderError, load_interpolator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--context-overlap", type=int, default=4)
     ap.add_argument("--legacy-loop", action="store_true", help="upstream's loop (for benchmarking)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--keyframes", default="none", help="none | fixed:K | adaptive:EPS[:max_gap=G]: diffuse only keyframes")
+    ap.add_argument("--interpolator", default=None, help="interpolator folder, or 'blend', for --keyframes")
     return ap
 
 
@@ -72,18 +85,37 @@ def main(argv: list[str] | None = None) -> int:
         if args.ref_pose:
             read_image(args.ref_pose)  # validated; the faithful pose guider ignores it, as upstream
         pose, fps = read_pose(args.pose, res, args.fps)
+        landmarks = np.load(args.pose, allow_pickle=False).astype(np.float32) if str(args.pose).lower().endswith(".npy") else None
+        spec = parse_keyframes(args.keyframes)
+        interpolator = None
+        if spec.mode != "none":
+            if args.interpolator is None:
+                raise InputError(f"--keyframes {args.keyframes} needs --interpolator DIR (an interpolator folder) or --interpolator blend")
+            if spec.needs_landmarks and landmarks is None:
+                raise InputError(f"--keyframes {args.keyframes} selects keyframes from landmarks: give --pose as a .npy of "
+                                 "landmarks (F, 68, 2), or use --keyframes fixed:K")
+            interpolator = load_interpolator(args.interpolator, device=device)
+        elif args.interpolator is not None:
+            print("note: --interpolator is ignored without --keyframes fixed:K|adaptive:EPS", file=sys.stderr)
         print(f"loaded {args.model} in {time.time() - t0:.1f} s; {pose.shape[0]} pose frames at {fps:g} fps on {device}")
-    except (InputError, ModelFolderError) as e:
+    except (InputError, ModelFolderError, KeyframeSpecError, InterpolatorFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     steps = args.steps if args.steps is not None else int(model.metadata.get("default_steps", 25))
     gen = GenerationConfig(steps=steps, guidance=args.guidance, sampler=args.sampler, context_frames=args.context_frames,
-                           context_overlap=args.context_overlap, legacy_loop=args.legacy_loop)
-    pipe = Pose2VideoPipeline(model)
+                           context_overlap=args.context_overlap, legacy_loop=args.legacy_loop, keyframes=str(spec))
+    pipe = Pose2VideoPipeline(model, interpolator=interpolator)
     print(f"sampler {pipe.sampler_name(gen)}, {steps} steps, guidance {args.guidance:g}")
     generator = torch.Generator().manual_seed(args.seed)
     t1 = time.time()
-    frames = pipe(ref, pose, gen, generator, progress=lambda ts: tqdm(ts, desc="denoising", unit="step"))
+    try:
+        frames = pipe(ref, pose, gen, generator, progress=lambda ts: tqdm(ts, desc="denoising", unit="step"), landmarks=landmarks)
+    except KeyframeSpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if spec.mode != "none":
+        print(f"keyframes ({spec}): {len(pipe.last_keyframes)} of {pose.shape[0]} frames diffused {pipe.last_keyframes}; "
+              f"{pose.shape[0] - len(pipe.last_keyframes)} interpolated")
     video = (frames.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     write_video(args.out, video, fps)
     dt = time.time() - t1

@@ -4,8 +4,11 @@
         --clips 16 --frames 16 --row cfg25:steps=25,guidance=3.5 --row nocfg25:steps=25,guidance=1 \
         --row cfg4:steps=4,guidance=3.5 --out runs/eval/teacher_tiny.json
 
-Protocol (self-reenactment, as in talking-head papers): for each held-out clip the reference is its first
-frame, the driving poses are the clip's own pose images, and the ground truth is the clip. Every row uses the
+Protocols (``--protocol``): "self" (self-reenactment, as in talking-head papers): for each held-out clip the
+reference is its first frame, the driving poses are the clip's own pose images, and the ground truth is the clip.
+"cross": the reference is the first frame of another clip of the same held-out identity, so the head pose of the
+reference differs from the driving poses as in real use (a portrait photo driven by a video); copying the
+reference then no longer nearly matches the target. Every row uses the
 same clips and the same initial noise (seeded by clip index). Two reference rows are always added:
 
 * ``copy_reference``: output the reference frame for every frame (no model);
@@ -43,17 +46,38 @@ class EvalClip:
     index: int
 
 
-def load_eval_clips(data: str | Path, split: str = "test", clips: int = 16, frames: int = 16) -> list[EvalClip]:
-    """The first ``clips`` clips of ``split`` (held-out identities), ``frames`` frames each, reference = frame 0."""
+PROTOCOLS = {
+    "self": "self-reenactment: reference = the clip's first sampled frame, driving = the clip's own poses, same noise per clip",
+    "cross": "cross-clip reenactment: reference = the first sampled frame of another clip of the same held-out identity "
+             "(a different head pose), driving = the clip's own poses, same noise per clip",
+}
+
+
+def load_eval_clips(data: str | Path, split: str = "test", clips: int = 16, frames: int = 16,
+                    protocol: str = "self") -> list[EvalClip]:
+    """The first ``clips`` clips of ``split`` (held-out identities), ``frames`` frames each.
+
+    ``protocol`` "self": the reference is the clip's first sampled frame. "cross": the first sampled frame of the
+    next clip of the same identity (cyclically), so reference and driving poses differ as in real use.
+    """
     from portrait.data.dataset import ClipDataset
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     ds = ClipDataset(data, split, num_frames=frames, strides=(1,), reference="first", seed=0)
     out = []
     for i in range(min(clips, len(ds))):
         item = ds[i]
         # frames start at a seeded offset; re-anchor so the reference is the first *sampled* frame
         t = item["target"]
-        out.append(EvalClip(ref=t[0].permute(1, 2, 0).numpy(), pose=item["pose"].permute(0, 2, 3, 1).numpy(),
+        ref = t[0]
+        if protocol == "cross":
+            others = ds.other_clips(i)
+            if len(others) == 0:
+                raise ValueError(f"protocol 'cross' needs >= 2 clips per identity; clip {i} of {split!r} has none")
+            later = others[others > i]
+            ref = ds[int(later[0] if len(later) else others[0])]["target"][0]
+        out.append(EvalClip(ref=ref.permute(1, 2, 0).numpy(), pose=item["pose"].permute(0, 2, 3, 1).numpy(),
                             target=t.float() / 255.0, landmarks=item["landmarks"], index=i))
     if not out:
         raise ValueError(f"split {split!r} of {data} holds no clips")
@@ -101,14 +125,15 @@ def save_samples(out_dir: Path, name: str, clip: EvalClip, video: torch.Tensor, 
 
 
 def evaluate(model_dir: str, data: str, rows: list[tuple[str, GenerationConfig]], split: str = "test", clips: int = 16,
-             frames: int = 16, probe_dir: str | None = None, baselines: bool = True, samples_dir: str | None = None) -> dict:
+             frames: int = 16, probe_dir: str | None = None, baselines: bool = True, samples_dir: str | None = None,
+             protocol: str = "self") -> dict:
     from portrait.models.bundle import Pose2VideoModel
     from portrait.models.landmark_probe import load_probe, predict_video_landmarks
 
     probe = load_probe(probe_dir)
-    eval_clips = load_eval_clips(data, split, clips, frames)
+    eval_clips = load_eval_clips(data, split, clips, frames, protocol)
     result: dict = {"model": str(model_dir), "data": str(data), "split": split, "clips": len(eval_clips), "frames": frames,
-                    "protocol": "self-reenactment: reference = first frame, driving = the clip's own poses, same noise per clip",
+                    "protocol": PROTOCOLS[protocol], "protocol_name": protocol,
                     "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
                     "date": time.strftime("%Y-%m-%d"), "rows": {}}
     if baselines:
@@ -154,11 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", default=None, help="landmark probe folder (default: the shipped one)")
     ap.add_argument("--out", default=None, help="write the result JSON (and a .md table beside it)")
     ap.add_argument("--samples", default=None, help="folder for a grid PNG + GIF of the first clip per row")
+    ap.add_argument("--protocol", default="self", choices=sorted(PROTOCOLS), help="self: reference = the clip's first frame; "
+                    "cross: reference = a frame of another clip of the same identity")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)  # denormals slow CPU maths 10-100x (see portrait/training.py)
     try:
         rows = [parse_row(r) for r in (args.row or ["teacher:steps=25,guidance=3.5"])]
-        result = evaluate(args.model, args.data, rows, args.split, args.clips, args.frames, args.probe, samples_dir=args.samples)
+        result = evaluate(args.model, args.data, rows, args.split, args.clips, args.frames, args.probe, samples_dir=args.samples,
+                          protocol=args.protocol)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

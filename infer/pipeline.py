@@ -13,10 +13,38 @@ Lossless fixes over upstream (``legacy_loop=False``, the default):
   * the VAE decodes ``decode_batch_size`` frames per call instead of one.
 ``legacy_loop=True`` reproduces the wasteful loop (the benchmark's "as shipped" row); with the same noise both
 give the same frames to float tolerance (tested).
+
+Keyframed generation (issue 6): diffusion on keyframes only, a frame interpolator in between::
+
+    from portrait.models.interpolator import load_interpolator
+    pipe = Pose2VideoPipeline(model, interpolator=load_interpolator("runs/interpolator/tiny/model"))  # or "blend"
+    frames = pipe(ref, pose, GenerationConfig(keyframes="fixed:3"), generator, landmarks=lmk)   # (N, 3, H, W)
+    pipe.last_keyframes                                                                         # [0, 3, 6, ..., N-1]
+
+* ``GenerationConfig.keyframes``: ``"none"`` (default: every frame diffused, exactly the code path above),
+  ``"fixed:K"`` or ``"adaptive:EPS[:max_gap=G]"`` (``infer/keyframes.py``; adaptive needs ``landmarks``).
+* ``interpolator``: a ``FrameInterpolator``, ``LinearBlend``, a folder path or ``"blend"``, given to the
+  constructor or per call (``pipe(..., interpolator=...)``). ``GenerationConfig.interpolator_landmarks=False`` runs it
+  landmark-blind. Any model folder works (teacher, student, pruned): only the keyframe pass touches it.
+* ``landmarks``: optional ``(N, 68, 2)`` pixels of the model resolution (the pose images' landmarks); needed for
+  adaptive selection and used by the interpolator's flow prior (without them it reads the pose images only).
+* Noise: the full-rate ``(1, C, N, h, w)`` noise is drawn (or given as ``latents``) and the keyframes' columns are
+  used, so keyframe i gets exactly the noise it would get in the full-rate run with the same generator.
+* The output always has exactly N frames (the last frame is always a keyframe, so N need not be divisible by K).
+
+How the motion module sees subsampled keyframes: the keyframe poses go through the same 16-frame context windows
+(overlap 4) as any pose sequence, so the temporal attention sees *consecutive keyframes as consecutive frames*: its
+sinusoidal position encoding indexes the position within the window, not time, and nothing tells it the stride.
+With ``fixed:K`` the motion per window step is K times the source's. Our tiny teacher was trained with strides 1 and
+2 (upstream AniPortrait: 1, or 4 as augmentation), so K = 2 is inside the tiny teacher's training distribution,
+K = 3 and 4 are beyond it (upstream: K = 4 is inside, 2-3 between its strides). Adaptive keyframes are irregularly
+spaced, which no stride augmentation covers; in exchange they sit on the mouth / eye extremes. A window of 16
+keyframes spans 16 K source frames, so each frame sees a longer temporal context than at full rate.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +66,9 @@ class GenerationConfig:
     context_overlap: int = 4
     legacy_loop: bool = False
     decode_batch_size: int = 16
+    keyframes: str = "none"  # "none" | "fixed:K" | "adaptive:EPS[:max_gap=G]" (infer/keyframes.py)
+    interpolator_landmarks: bool = True  # False: run the interpolator landmark-blind
+    interpolator_batch_size: int = 32  # in-between frames per interpolator call
 
 
 def context_windows(num_frames: int, context: int = 16, overlap: int = 4) -> list[list[int]]:
@@ -98,9 +129,13 @@ class Prepared:
 class Pose2VideoPipeline:
     """Inference for the teacher and every reduced model (students, pruned, keyframed)."""
 
-    def __init__(self, model: Pose2VideoModel):
+    def __init__(self, model: Pose2VideoModel, interpolator=None):
+        """``interpolator``: None, a ``FrameInterpolator`` / ``LinearBlend``, a folder path or ``"blend"``; used only
+        when ``GenerationConfig.keyframes`` is not ``"none"``."""
         self.model = model
-        self.counters = {"unet_evals": 0, "pose_guider_calls": 0, "vae_decode_calls": 0}
+        self.interpolator = interpolator
+        self.counters = {"unet_evals": 0, "pose_guider_calls": 0, "vae_decode_calls": 0, "interpolated_frames": 0}
+        self.last_keyframes: list[int] | None = None  # the keyframe indices of the last call (all frames if "none")
 
     # -- preparation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,7 +219,8 @@ class Pose2VideoPipeline:
     # -- full generation --------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, ref_image, pose_frames, gen: GenerationConfig | None = None, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, progress: Callable | None = None) -> torch.Tensor:
+                 latents: torch.Tensor | None = None, progress: Callable | None = None, landmarks=None,
+                 interpolator=None) -> torch.Tensor:
         """Generate frames.
 
         Args:
@@ -192,10 +228,60 @@ class Pose2VideoPipeline:
             pose_frames: uint8 (F, H, W, 3) or float (F, 3, H, W) in [0, 1] pose images.
             latents: optional initial noise (1, 4, F, h, w); otherwise drawn from ``generator`` (on CPU, so the
                 same seed gives the same noise on every device).
+            landmarks: optional (F, 68, 2) landmarks in pixels of the model resolution (keyframed generation only).
+            interpolator: overrides the constructor's for this call (keyframed generation only).
         Returns:
             (F, 3, H, W) float frames in [0, 1].
         """
         gen = gen or GenerationConfig()
+        from infer.keyframes import parse_keyframes
+
+        spec = parse_keyframes(gen.keyframes)
+        if spec.mode != "none":
+            return self._keyframed(ref_image, pose_frames, gen, spec, generator, latents, progress, landmarks,
+                                   interpolator if interpolator is not None else self.interpolator)
+        return self._generate(ref_image, pose_frames, gen, generator, latents, progress)
+
+    def _keyframed(self, ref_image, pose_frames, gen: GenerationConfig, spec, generator, latents, progress, landmarks,
+                   interpolator) -> torch.Tensor:
+        """Diffusion on the keyframes (same windows, same per-frame noise), the interpolator in between."""
+        import dataclasses
+
+        from infer.keyframes import select_keyframes
+        from portrait.models.interpolator import fill_between_keyframes, load_interpolator
+
+        if interpolator is None:
+            raise ValueError(f"keyframes={str(spec)!r} needs an interpolator: Pose2VideoPipeline(model, interpolator=...) with "
+                             "an interpolator folder or 'blend' (CLI: --interpolator DIR|blend)")
+        m = self.model
+        res = (m.config.resolution, m.config.resolution)
+        pose = to_float_images(pose_frames, res)
+        n = pose.shape[0]
+        if n == 0:
+            raise ValueError("no pose frames: the pose input must hold at least one frame")
+        lmk = None
+        if landmarks is not None:
+            lmk = torch.as_tensor(np.asarray(landmarks), dtype=torch.float32)
+            if lmk.shape != (n, 68, 2):
+                raise ValueError(f"landmarks must be ({n}, 68, 2) for {n} pose frames, got {tuple(lmk.shape)}")
+        keys = select_keyframes(spec, n, None if lmk is None else lmk.numpy())
+        h = m.config.resolution // m.vae_scale_factor
+        if latents is None:
+            latents = torch.randn((1, m.vae.config.latent_channels, n, h, h), generator=generator, dtype=torch.float32)
+        if latents.shape[2] != n:
+            raise ValueError(f"latents have {latents.shape[2]} frames for {n} pose frames")
+        key_gen = dataclasses.replace(gen, keyframes="none")
+        key_frames = self._generate(ref_image, pose[keys], key_gen, generator, latents[:, :, keys], progress)
+        interp = load_interpolator(interpolator, device=key_frames.device)
+        if isinstance(interpolator, (str, os.PathLike)):
+            self.interpolator = interp  # load a folder once
+        out = fill_between_keyframes(interp, key_frames, keys, pose.to(key_frames.device), lmk, gen.interpolator_landmarks,
+                                     gen.interpolator_batch_size)
+        self.counters["interpolated_frames"] += n - len(keys)
+        self.last_keyframes = keys
+        return out
+
+    def _generate(self, ref_image, pose_frames, gen: GenerationConfig, generator, latents, progress) -> torch.Tensor:
         m = self.model
         guided = gen.guidance > 1.0 and m.config.time_cond_proj_dim is None
         prep = self.prepare(ref_image, pose_frames, guided)
@@ -207,6 +293,7 @@ class Pose2VideoPipeline:
         scheduler = m.make_scheduler()
         sampler = get_sampler(self.sampler_name(gen), **m.metadata.get("sampler_options", {}))
         latents = sampler(self.model_fn(prep, gen), latents, scheduler, gen.steps, generator=generator, progress=progress)
+        self.last_keyframes = list(range(f))
         return self.decode(latents, 1 if gen.legacy_loop else gen.decode_batch_size)
 
     def sampler_name(self, gen: GenerationConfig) -> str:

@@ -111,9 +111,20 @@ def run_script(schema: type[T], main, description: str, errors: tuple[type[BaseE
     try:
         main(cfg)
     except (ConfigError, *errors) as e:
+        _close_progress_bars()  # so the error starts its own line instead of trailing a half-drawn bar
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # cosmetic only
+        pass
 
 
 def replace(cfg: T, **changes) -> T:

@@ -142,6 +142,36 @@ def per_process_batch(train: TrainConfig, world_size: int) -> int:
     return train.batch_size // denom
 
 
+def deepspeed_plugin(accelerator: Accelerator):
+    """The accelerate DeepSpeed plugin of this run, or None (DDP / single process)."""
+    return getattr(accelerator.state, "deepspeed_plugin", None)
+
+
+def configure_deepspeed(accelerator: Accelerator, train: TrainConfig, micro: int) -> int | None:
+    """Fill the DeepSpeed json's ``"auto"`` batch/accumulation/clipping values from the training config.
+
+    Our loop feeds batches itself (no DataLoader goes through ``prepare``), so accelerate cannot infer the
+    micro-batch; and the json must agree with ``train.*`` or the global batch (DESIGN §3.5) would silently
+    change. Explicit json values that disagree are a ConfigError. Returns the ZeRO stage, or None without
+    DeepSpeed. Call before ``accelerator.prepare``.
+    """
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return None
+    ds = plugin.deepspeed_config
+    want = {"train_micro_batch_size_per_gpu": micro, "train_batch_size": train.batch_size,
+            "gradient_accumulation_steps": train.grad_accum_steps, "gradient_clipping": float(train.max_grad_norm)}
+    for key, value in want.items():
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = value
+        elif float(have) != float(value):
+            raise config_lib.ConfigError(
+                f"the DeepSpeed config sets {key}={have} but the training config implies {value} "
+                f"(train.batch_size / grad_accum_steps / max_grad_norm): set it to \"auto\" in the json")
+    return int(plugin.zero_stage)
+
+
 class GlobalBatchPlan:
     """Which dataset items and sample ids each process uses at each (step, micro-step)."""
 
@@ -223,12 +253,18 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
+    def sweep_partial(self) -> None:
+        """Delete ``step-*.tmp`` folders: partial writes of a killed run (never loaded: no marker, never renamed)."""
+        if self.dir.is_dir():
+            for stale in self.dir.glob("step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+
     def save(self, accelerator: Accelerator, step: int, extra: dict | None = None) -> Path:
         final = self.dir / f"step-{step:07d}"
         tmp = self.dir / f"step-{step:07d}.tmp"
         if accelerator.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a previous crash mid-write
+            self.sweep_partial()
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
@@ -246,6 +282,9 @@ class CheckpointManager:
 
 def resume(accelerator: Accelerator, manager: CheckpointManager, state: TrainState) -> bool:
     """Load the newest complete checkpoint if any (partial ``.tmp`` folders are ignored)."""
+    if accelerator.is_main_process:
+        manager.sweep_partial()
+    accelerator.wait_for_everyone()
     ckpt = manager.latest()
     if ckpt is None:
         return False
@@ -300,7 +339,7 @@ def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, manage
     if flag.item() > 0:
         last = manager.latest()
         raise NonFiniteLossError(
-            f"non-finite loss ({loss.detach().float().item()}) at step {step}: training stopped without saving. "
+            f"non-finite loss ({loss.detach().float().item()}) in step {step + 1}: training stopped without saving. "
             f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; re-running resumes from it. "
             f"Check the data for NaN/inf or lower train.lr.")
 

@@ -55,7 +55,7 @@ FROZEN_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 @dataclass
 class DistillConfig:
-    teacher: str = "runs/teacher/tiny/model"  # the teacher's model folder (bash launch.sh teacher makes it)
+    teacher: str = "portrait/assets/tiny_teacher"  # the shipped tiny teacher; bash launch.sh teacher trains runs/teacher/tiny/model
     mode: str = "lcm"  # lcm | phased | guidance
     num_steps: int = 4  # lcm: default sampling steps; phased: number of phases K (= sampling steps); guidance: default DDIM steps
     solver_steps: int = 50  # N of the skipping-step DDIM solver grid (skip 1000/N = 20, LCM's best)
@@ -71,7 +71,7 @@ class DistillConfig:
     export_weights: str = "online"  # online | target (the EMA target network)
     sample_guidance: float = 3.5  # w of the validation samples
     teacher_sample_steps: int = 25  # the teacher's validation sample (DDIM + CFG)
-    data: T.DataConfig = field(default_factory=T.DataConfig)
+    data: T.DataConfig = field(default_factory=lambda: T.DataConfig(reference="mixed"))  # as the teacher saw
     train: T.TrainConfig = field(default_factory=lambda: T.TrainConfig(
         run_dir="runs/distill/tiny_4step", batch_size=4, max_steps=1500, lr=5e-5, lr_warmup_steps=50, ema_decay=0.95,
         checkpoint_every=250, sample_every=500))
@@ -112,12 +112,13 @@ def main(cfg: DistillConfig) -> Path:
     if done.is_file() and (export / "fastportrait.json").is_file() and int(done.read_text() or 0) >= train.max_steps:
         T.logger.info(f"already finished ({done.read_text()} steps): {export}")
         return export
-    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds_plugin is not None and ds_plugin.zero_stage == 3:
-        raise config_lib.ConfigError("ZeRO-3 shards the student, but the EMA target update needs its full weights: use ZeRO-2 or DDP")
-    T.write_run_config(run_dir, cfg, accelerator)
-    T.init_tracker(accelerator, train, f"distill-{cfg.mode}-{cfg.num_steps}step", cfg)
     micro = T.per_process_batch(train, accelerator.num_processes)
+    if T.configure_deepspeed(accelerator, train, micro) == 3:
+        # ZeRO-3 would also shard the frozen VAE / reference UNet / pose guider that live in the student bundle, so
+        # the rank-0-only validation sampling and export, and the EMA target update, would need every rank to gather.
+        raise config_lib.ConfigError("DeepSpeed ZeRO-3 is not supported by train/distill.py: it shards the student, but the EMA "
+                                     "target update, validation samples and export need its full weights. Use ZeRO-2 "
+                                     "(configs/accelerate/deepspeed_zero2.yaml) or DDP")
     manager = T.CheckpointManager(run_dir, train.keep_checkpoints)
     # 2. models -----------------------------------------------------------------------------------
     teacher = Pose2VideoModel.from_pretrained(cfg.teacher, device=accelerator.device)
@@ -133,9 +134,15 @@ def main(cfg: DistillConfig) -> Path:
                   f"{accelerator.num_processes} proc x {micro} x {train.grad_accum_steps} accum")
     # 3. data -------------------------------------------------------------------------------------
     data_path = T.ensure_dataset(cfg.data, accelerator)
-    dataset = ClipDataset(data_path, "train", num_frames=cfg.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
+    try:
+        dataset = ClipDataset(data_path, "train", num_frames=cfg.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
+    except ValueError as e:  # e.g. num_frames longer than the clips
+        raise config_lib.ConfigError(f"dataset {data_path} cannot serve num_frames={cfg.num_frames}, data.strides={cfg.data.strides}: {e}") from None
     if dataset.height != student.config.resolution:
         raise config_lib.ConfigError(f"dataset {data_path} is {dataset.height}px but the teacher generates {student.config.resolution}px")
+    # written only once the inputs are known good, so a bad teacher / dataset / config leaves the run folder untouched
+    T.write_run_config(run_dir, cfg, accelerator)
+    T.init_tracker(accelerator, train, f"distill-{cfg.mode}-{cfg.num_steps}step", cfg)
     plan = T.GlobalBatchPlan(len(dataset), train.batch_size, micro, train.seed)
     # 4. optimiser / EMA target ---------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
@@ -245,4 +252,4 @@ def sample_and_log(cfg: DistillConfig, student: Pose2VideoModel, nets: FrozenNet
 
 if __name__ == "__main__":
     raise SystemExit(config_lib.run_script(DistillConfig, main, "Distil the Pose2Video teacher into a few-step student (tiny CPU default).",
-                                           (T.NonFiniteLossError, FileNotFoundError, ModelFolderError)))
+                                           (T.NonFiniteLossError, OSError, ModelFolderError)))  # OSError: missing files, disk full

@@ -70,11 +70,14 @@ class TeacherConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     export_dir: str = "runs/teacher/tiny/model"
     vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=3000, batch_size=16, lr=1e-3, num_frames=1))
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=4000, batch_size=16, lr=3e-4, num_frames=1))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=800, batch_size=2, lr=2e-4, num_frames=8))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=2400, batch_size=8, lr=3e-4, num_frames=1))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=400, batch_size=2, lr=2e-4, num_frames=8))
     sample_steps: int = 25
+    # After the vae stage, set model.latent_scale to 1/std of the latents of this many training frames, so the
+    # diffusion stages see unit-variance latents (SD's 0.18215 was fitted the same way to SD's VAE).
+    latent_scale_frames: int = 512
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: T.DataConfig = field(default_factory=T.DataConfig)
+    data: T.DataConfig = field(default_factory=lambda: T.DataConfig(reference="mixed"))
     train: T.TrainConfig = field(default_factory=T.TrainConfig)
 
 
@@ -185,6 +188,8 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
         ema.store(params)
         ema.copy_to(params)
         model.eval()
+        if stage == "vae" and cfg.latent_scale_frames > 0:
+            fit_latent_scale(model, dataset, cfg.latent_scale_frames, accelerator.device)
         card_meta = {"title": f"fastportrait tiny teacher ({stage})", "stage": stage, "steps": state.step,
                      "samples_seen": state.samples_seen, "train_minutes": round(state.wall_seconds / 60, 1),
                      "data": str(data_path), "config": config_lib.to_dict(cfg)}
@@ -197,6 +202,23 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
     accelerator.free_memory()
     accelerator._custom_objects.clear()
     return export
+
+
+@torch.no_grad()
+def fit_latent_scale(model: Pose2VideoModel, dataset: ClipDataset, n_frames: int, device) -> float:
+    """Set ``model.config.latent_scale`` so scaled posterior means have unit std over ``n_frames`` frames."""
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(dataset), size=min(len(dataset), max(1, n_frames // dataset.num_frames)), replace=False)
+    zs = []
+    for i in idx:
+        frames = to_unit(dataset[int(i)]["target"]).to(device)
+        zs.append(model.vae.encode(frames.to(model.vae.dtype)).latent_dist.mean.float())
+    std = torch.cat(zs).std().item()
+    if not np.isfinite(std) or std <= 0:
+        raise T.NonFiniteLossError(f"[vae] latent std is {std}; the VAE export would be unusable")
+    model.config.latent_scale = float(1.0 / std)
+    T.logger.info(f"[vae] latent std {std:.4f} -> latent_scale {model.config.latent_scale:.5f}")
+    return model.config.latent_scale
 
 
 @torch.no_grad()

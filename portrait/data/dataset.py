@@ -45,7 +45,7 @@ from portrait.data.landmarks import NUM_LANDMARKS
 
 FEATURE_NAMES = ("frames", "landmarks", "pose", "identity", "fps", "source")
 SPLITS = ("train", "val", "test")
-REFERENCE_MODES = ("random", "first", "window")
+REFERENCE_MODES = ("random", "first", "window", "identity", "mixed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +316,8 @@ class ClipDataset(torch.utils.data.Dataset):
         ref_pose      (3, H, W)    uint8    its pose image
         ref_landmarks (68, 2)      float32
         frame_indices (F,)         int64    indices into the stored clip
-        ref_index     ()           int64
+        ref_index     ()           int64    frame index within the reference clip
+        ref_clip      ()           int64    item index of the reference clip (``index`` unless identity/mixed)
         stride        ()           int64
         fps           ()           float32  frame rate of the sampled window (stored fps / stride)
         identity      ()           int64
@@ -331,7 +332,9 @@ class ClipDataset(torch.utils.data.Dataset):
         strides: allowed frame strides, drawn uniformly among those that fit the clip
             (AniPortrait: stride 1, or 4 as augmentation -> ``(1, 4)``).
         reference: "random" = any frame of the stored clip, "first" = its frame 0,
-            "window" = a random frame of the sampled window.
+            "window" = a random frame of the sampled window, "identity" = a random frame of *another* clip of
+            the same identity (its own clip if the identity has one clip; a different head pose, as a portrait
+            photo driven by someone's motion is), "mixed" = "random" or "identity" with equal odds.
         seed: base seed.
     """
 
@@ -356,6 +359,18 @@ class ClipDataset(torch.utils.data.Dataset):
         self.epoch = 0
         # Arrow format: rows come back as pyarrow tables over the memory-mapped files (no decoding).
         self._rows = ds.with_format("arrow")
+        self._same_identity: dict[int, np.ndarray] | None = None
+
+    def other_clips(self, index: int) -> np.ndarray:
+        """Indices of the other clips of clip ``index``'s identity (may be empty)."""
+        if self._same_identity is None:
+            ids = np.asarray(self._rows.select_columns(["identity"])[:]["identity"].to_numpy())
+            self._ids = ids
+            order = np.argsort(ids, kind="stable")
+            groups = np.split(order, np.flatnonzero(np.diff(ids[order])) + 1)
+            self._same_identity = {int(ids[g[0]]): g for g in groups if len(g)}
+        group = self._same_identity[int(self._ids[index])]
+        return group[group != index]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -364,7 +379,9 @@ class ClipDataset(torch.utils.data.Dataset):
         return len(self._rows)
 
     def sample_indices(self, index: int) -> tuple[np.ndarray, int, int]:
-        """The ``(frame_indices (F,), ref_index, stride)`` item ``index`` draws this epoch."""
+        """The ``(frame_indices (F,), ref_index, stride)`` item ``index`` draws this epoch.
+
+        ``ref_index`` indexes the reference clip's frames (see ``reference_clip``)."""
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         stride = int(self.strides[rng.integers(len(self.strides))])
         span = (self.num_frames - 1) * stride + 1
@@ -374,9 +391,21 @@ class ClipDataset(torch.utils.data.Dataset):
             ref = int(rng.integers(self.clip_frames))
         elif self.reference == "first":
             ref = 0
-        else:
+        elif self.reference == "window":
             ref = int(frame_idx[rng.integers(self.num_frames)])
+        else:  # identity / mixed: the frame index is drawn now, the clip in reference_clip (same rng stream)
+            ref = int(rng.integers(self.clip_frames))
         return frame_idx, ref, stride
+
+    def reference_clip(self, index: int) -> int:
+        """The clip item ``index`` takes its reference frame from this epoch."""
+        if self.reference not in ("identity", "mixed"):
+            return int(index)
+        rng = np.random.default_rng([self.seed, self.epoch, int(index), 1])
+        others = self.other_clips(index)
+        if len(others) == 0 or (self.reference == "mixed" and rng.random() < 0.5):
+            return int(index)
+        return int(others[rng.integers(len(others))])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
@@ -386,6 +415,12 @@ class ClipDataset(torch.utils.data.Dataset):
         pose = _column_numpy(row, "pose")
         lmk = _column_numpy(row, "landmarks")
         frame_idx, ref, stride = self.sample_indices(index)
+        ref_clip = self.reference_clip(index)
+        if ref_clip == index:
+            ref_frames, ref_poses, ref_lmk = frames, pose, lmk
+        else:
+            ref_row = self._rows[ref_clip]
+            ref_frames, ref_poses, ref_lmk = (_column_numpy(ref_row, c) for c in ("frames", "pose", "landmarks"))
 
         def chw(x: np.ndarray) -> torch.Tensor:  # (..., H, W, 3) -> (..., 3, H, W), copied out of Arrow
             return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))
@@ -395,9 +430,10 @@ class ClipDataset(torch.utils.data.Dataset):
             "target": chw(frames[frame_idx]),
             "pose": chw(pose[frame_idx]),
             "landmarks": torch.from_numpy(lmk[frame_idx].copy()),
-            "ref_frame": chw(frames[ref]),
-            "ref_pose": chw(pose[ref]),
-            "ref_landmarks": torch.from_numpy(lmk[ref].copy()),
+            "ref_frame": chw(ref_frames[ref]),
+            "ref_pose": chw(ref_poses[ref]),
+            "ref_landmarks": torch.from_numpy(ref_lmk[ref].copy()),
+            "ref_clip": torch.tensor(ref_clip, dtype=torch.int64),
             "frame_indices": torch.from_numpy(frame_idx.astype(np.int64)),
             "ref_index": torch.tensor(ref, dtype=torch.int64),
             "stride": torch.tensor(stride, dtype=torch.int64),

@@ -8,7 +8,7 @@ A model folder (what ``infer/`` reads, what every job exports)::
       vae/                     diffusers AutoencoderKL          (plain diffusers ``from_pretrained`` works)
       image_encoder/           transformers CLIPVisionModelWithProjection
       reference_unet/          diffusers UNet2DConditionModel
-      denoising_unet/          diffusers UNetMotionModel
+      denoising_unet/          diffusers UNetMotionModel (+ widths.json when pruned, see portrait.models.widths)
       pose_guider/             portrait PoseGuider (diffusers ModelMixin format)
       scheduler/               diffusers DDIMScheduler config
 
@@ -35,6 +35,7 @@ from portrait import config as config_lib
 from portrait.models.pose_guider import PoseGuider
 from portrait.models.reference import PoseInjection, ReferenceAttention, make_motion_norms_per_frame
 from portrait.models.unets import build_denoising_unet, build_image_encoder, build_reference_unet, build_vae, sd_unet_config
+from portrait.models.widths import WidthManifestError, load_unet, save_manifest
 
 FORMAT_VERSION = 1
 KIND = "fastportrait.pose2video"
@@ -152,6 +153,27 @@ class Pose2VideoModel(nn.Module):
         make_motion_norms_per_frame(self.denoising_unet)
         self.reference = ReferenceAttention(self.reference_unet, self.denoising_unet)
         self.pose_injection = PoseInjection(self.denoising_unet)
+
+    def __deepcopy__(self, memo: dict) -> Pose2VideoModel:
+        """A working copy: the components are deep-copied and our behaviour is attached afresh.
+
+        A plain deepcopy is wrong here: the pose-injection hooks on the down blocks are closures, which deepcopy
+        shares instead of copying, so the copy's down blocks would read *this* bundle's pose features (i.e. none).
+        """
+        import copy
+
+        parts = {name: copy.deepcopy(getattr(self, name), memo) for name in COMPONENTS if name != "scheduler"}
+        unet = parts["denoising_unet"]
+        ids = {h.id for h in self.pose_injection.handles}
+        for mod in [unet.conv_in, *unet.down_blocks]:  # drop the copied hooks; attach() installs new ones
+            for hooks in (mod._forward_hooks, mod._forward_hooks_with_kwargs, mod._forward_hooks_always_called):
+                for i in ids:
+                    hooks.pop(i, None)
+        clone = type(self)(**parts, scheduler_config=copy.deepcopy(self.scheduler_config, memo),
+                           config=copy.deepcopy(self.config, memo), metadata=copy.deepcopy(self.metadata, memo))
+        clone.train(self.training)
+        memo[id(self)] = clone
+        return clone
 
     @classmethod
     def from_components(cls, **kw) -> Pose2VideoModel:
@@ -304,6 +326,8 @@ class Pose2VideoModel(nn.Module):
             self.image_encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
             self.reference_unet.save_pretrained(tmp / "reference_unet", safe_serialization=True)
             self.denoising_unet.save_pretrained(tmp / "denoising_unet", safe_serialization=True)
+            # A pruned UNet's widths differ from its config: record them so from_pretrained rebuilds the shapes.
+            save_manifest(self.denoising_unet, tmp / "denoising_unet", meta.get("pruning"))
             self.pose_guider.save_pretrained(tmp / "pose_guider", safe_serialization=True)
             DDIMScheduler(**self.scheduler_config).save_pretrained(tmp / "scheduler")
             info = {"format_version": FORMAT_VERSION, "kind": KIND, "model_config": config_lib.to_dict(self.config), "metadata": meta}
@@ -328,11 +352,13 @@ class Pose2VideoModel(nn.Module):
             vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
             image_encoder = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", dtype=dtype or torch.float32)
             reference_unet = UNet2DConditionModel.from_pretrained(path / "reference_unet", **kw)
-            denoising_unet = UNetMotionModel.from_pretrained(path / "denoising_unet", **kw)
+            denoising_unet = load_unet(path / "denoising_unet", dtype)  # plain diffusers, or config + widths.json
             pose_guider = PoseGuider.from_pretrained(path / "pose_guider", **kw)
             scheduler_config = {k: v for k, v in DDIMScheduler.load_config(path / "scheduler").items() if not k.startswith("_")}
         except ModelFolderError:
             raise
+        except WidthManifestError as e:
+            raise ModelFolderError(f"cannot load the pruned denoising UNet of {path}: {e}") from None
         except Exception as e:
             raise ModelFolderError(f"cannot load model folder {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         model = cls(vae, image_encoder, reference_unet, denoising_unet, pose_guider, scheduler_config, cfg, info.get("metadata"))

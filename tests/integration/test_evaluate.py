@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 
@@ -43,3 +44,18 @@ def test_bad_row_is_a_clear_error(tiny_model_dir, small_data, capsys):
 
     assert evaluate.main(["--model", str(tiny_model_dir), "--data", str(small_data), "--row", "x:stepz=3"]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_cross_protocol_takes_the_reference_from_another_clip_of_the_identity(small_data):
+    from infer.evaluate import load_eval_clips
+    from portrait.data.dataset import ClipDataset
+
+    own = load_eval_clips(small_data, "test", clips=2, frames=8, protocol="self")
+    cross = load_eval_clips(small_data, "test", clips=2, frames=8, protocol="cross")
+    ds = ClipDataset(small_data, "test", num_frames=8, strides=(1,), reference="first")
+    for o, c in zip(own, cross):
+        np.testing.assert_array_equal(o.pose, c.pose)  # same driving poses and ground truth
+        assert not np.array_equal(o.ref, c.ref)
+        assert int(ds[int(ds.other_clips(c.index)[0])]["identity"]) == int(ds[c.index]["identity"])
+    with pytest.raises(ValueError, match="protocol"):
+        load_eval_clips(small_data, "test", clips=1, frames=8, protocol="other")

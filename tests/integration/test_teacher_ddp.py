@@ -41,8 +41,12 @@ def test_two_process_ddp_equals_one_process(tmp_path, dataset):
     m1, m2 = metrics("one"), metrics("two")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2]
     for a, b in zip(m1, m2):
-        assert a["stage1/loss"] == pytest.approx(b["stage1/loss"], rel=1e-5)
-        assert a["stage1/grad_norm"] == pytest.approx(b["stage1/grad_norm"], rel=1e-4)
+        # Step 1 sees identical weights: loss and grad norm agree to float round-off. Later steps see weights
+        # carrying AdamW's float noise (below), which a high-curvature batch can amplify (grad norm 0.3 -> 15 here),
+        # so they get a looser band. Another batch, BN grouping or LR moves these by percents at step 1 already.
+        tight = a["step"] == 1
+        assert a["stage1/loss"] == pytest.approx(b["stage1/loss"], rel=1e-5 if tight else 1e-3)
+        assert a["stage1/grad_norm"] == pytest.approx(b["stage1/grad_norm"], rel=1e-4 if tight else 1e-2)
         assert a["stage1/lr"] == b["stage1/lr"]
     for comp in ("denoising_unet", "reference_unet", "pose_guider"):
         a = load_file(str(tmp_path / "one" / "model" / comp / "diffusion_pytorch_model.safetensors"))

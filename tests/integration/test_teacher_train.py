@@ -39,6 +39,16 @@ def test_vae_and_stage2_run_end_to_end_by_path(tmp_path, dataset):
 
     model = Pose2VideoModel.from_pretrained(tmp_path / "run" / "model")
     assert model.config.name == "tiny"
+    # the vae stage fitted latent_scale = 1 / std of the latents (not SD's 0.18215), and stage 2 kept it
+    vae_model = Pose2VideoModel.from_pretrained(tmp_path / "run" / "vae" / "model")
+    assert model.config.latent_scale == vae_model.config.latent_scale != 0.18215
+    from portrait.data.dataset import ClipDataset
+    from portrait.objectives import to_unit
+
+    frames = torch.cat([to_unit(ClipDataset(dataset, "train", num_frames=8)[i]["target"]) for i in range(8)])
+    with torch.no_grad():
+        z = model.encode_images(frames)
+    assert 0.7 < float(z.std()) < 1.4  # unit variance up to the frame sample
     assert (tmp_path / "run" / "stage2" / "samples").is_dir()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "stage2" / "checkpoints").iterdir())
     assert ckpts == ["step-0000001", "step-0000002"]  # keep_checkpoints=2 rotation; no .tmp left

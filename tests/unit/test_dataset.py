@@ -143,6 +143,20 @@ def test_reference_modes(ds_path, stored):
         ClipDataset(ds_path, "train", reference="last")
 
 
+def test_identity_and_mixed_references_come_from_the_same_identity(ds_path, stored):
+    ids = stored["identity"]
+    ident = ClipDataset(ds_path, "train", num_frames=2, reference="identity", seed=0)
+    for i in range(len(ident)):
+        s = ident[i]
+        j, k = int(s["ref_clip"]), int(s["ref_index"])
+        assert j != i and ids[j] == ids[i]  # another clip of the same person (2 clips per identity here)
+        np.testing.assert_array_equal(s["ref_frame"].permute(1, 2, 0).numpy(), stored["frames"][j][k])
+        np.testing.assert_array_equal(s["ref_landmarks"].numpy(), stored["landmarks"][j][k])
+    own = [int(ClipDataset(ds_path, "train", num_frames=2, reference="mixed", seed=k)[0]["ref_clip"]) == 0 for k in range(40)]
+    assert 5 < sum(own) < 35  # both sources occur
+    assert all(int(ClipDataset(ds_path, "train", num_frames=2, reference="random")[i]["ref_clip"]) == i for i in range(3))
+
+
 def test_single_frame_and_collate(ds_path):
     data = ClipDataset(ds_path, "train", num_frames=1)
     s = data[0]
