@@ -62,7 +62,7 @@ stage 3/6 "short 4-step LCM distillation -> $STUDENT"
 if done_model "$STUDENT"; then echo "reusing $STUDENT"
 elif have_script distill; then
   run python train/distill.py --config configs/distill/tiny_4step.yaml teacher="$TEACHER" export_dir="$STUDENT" \
-    train.run_dir="$RUN/distill_4step" train.max_steps=150 train.checkpoint_every=50 train.sample_every=0 \
+    train.run_dir="$RUN/distill_4step" train.max_steps=100 train.batch_size=2 train.checkpoint_every=50 train.sample_every=0 \
     train.tracker=none train.threads="$THREADS"
 fi
 
@@ -72,7 +72,7 @@ stage 4/6 "channel pruning of the student -> $PRUNED"
 if done_model "$PRUNED"; then echo "reusing $PRUNED"
 elif have_script prune; then
   run python train/prune.py --config configs/prune/tiny_4step.yaml model="$STUDENT" export_dir="$PRUNED" \
-    train.run_dir="$RUN/prune" train.max_steps=60 train.sample_every=0 train.tracker=none train.threads="$THREADS"
+    train.run_dir="$RUN/prune" train.max_steps=40 num_frames=4 taylor_clips=8 eval_clips=0 train.sample_every=0 train.tracker=none train.threads="$THREADS"
 fi
 
 # 5. interpolator -------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ stage 5/6 "keyframe interpolator -> $INTERP"
 if [[ -d "$INTERP" ]]; then echo "reusing $INTERP"
 elif have_script interpolator; then
   run python train/interpolator.py --config configs/interpolator/tiny.yaml vae_model="$TEACHER" export_dir="$INTERP" \
-    train.run_dir="$RUN/interpolator" train.max_steps=200 train.checkpoint_every=100 train.tracker=none train.threads="$THREADS"
+    train.run_dir="$RUN/interpolator" train.max_steps=150 train.checkpoint_every=50 train.tracker=none train.threads="$THREADS"
 fi
 
 # 6. benchmark ----------------------------------------------------------------------------------------------

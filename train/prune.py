@@ -54,7 +54,7 @@ from prune.kd import PruneKDLoss
 
 @dataclass
 class PruneConfig:
-    model: str = "runs/teacher/tiny/model"  # the unpruned model folder (teacher, or a distilled student)
+    model: str = "portrait/assets/tiny_teacher"  # the unpruned model folder (teacher, or a distilled student)
     export_dir: str = "runs/prune/tiny/model"
     importance: str = "taylor"  # magnitude | taylor
     scope: str = "local"  # local: every structure shrinks by the ratio; global: rank across structures of a kind
