@@ -51,10 +51,13 @@ def test_two_process_ddp_equals_one_process(tmp_path, dataset):
     for comp in ("denoising_unet", "reference_unet", "pose_guider"):
         a = load_file(str(tmp_path / "one" / "model" / comp / "diffusion_pytorch_model.safetensors"))
         b = load_file(str(tmp_path / "two" / "model" / comp / "diffusion_pytorch_model.safetensors"))
-        for k in a:
-            # AdamW turns float noise in (numerically) zero gradients into updates of up to ~0.1 lr; real
-            # disagreement (different data, BN over the wrong batch, a scheduler stepped twice) is ~lr.
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-4, msg=f"{comp}.{k}")
+        # AdamW's first update is +-lr for *every* element, whatever the gradient's size, so elements whose gradient
+        # is float noise (mathematically zero) land +-lr (3e-4 here) apart between any two runs. Real disagreement
+        # (different data, BN over the wrong batch, a scheduler stepped twice) flips the sign for about half of all
+        # elements. So: every element within 2.5 lr, and under 2 % of the elements more than lr / 10 apart.
+        diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+        assert diffs.max() <= 2.5 * 3e-4, f"{comp}: max diff {diffs.max():.3g}"
+        assert (diffs > 3e-5).float().mean() < 0.02, f"{comp}: {(diffs > 3e-5).float().mean():.2%} of elements differ"
     # checkpoints were written once (rank 0), complete, with no rank racing another
     ck = sorted(p.name for p in (tmp_path / "two" / "stage1" / "checkpoints").iterdir())
     assert ck == ["step-0000002"]
