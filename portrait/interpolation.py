@@ -86,7 +86,9 @@ def laplacian_l1(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
             xd = yd = None
             bx, by = x, y
         d = (bx - by).abs()
-        loss = loss + (d * w).sum() / (w.sum() * d.shape[1]) if w is not None else loss + d.mean()
+        # per-sample weighted means, then the batch mean: the loss of a batch is the mean of its samples' losses,
+        # so any DDP split of the batch takes the same step
+        loss = loss + ((d * w).flatten(1).sum(1) / (w.flatten(1).sum(1) * d.shape[1])).mean() if w is not None else loss + d.mean()
         if xd is None:
             break
         x, y = xd, yd
@@ -111,7 +113,7 @@ def census_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
     r = patch // 2
     valid[..., r:-r, r:-r] = 1
     w = valid if weight is None else valid * weight
-    return (dist * w).sum() / w.sum().clamp(min=1e-8)
+    return ((dist * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1e-8)).mean()  # per sample, then mean
 
 
 def flow_smoothness(flow: torch.Tensor, image: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:

@@ -65,14 +65,19 @@ class FeatureTap:
 
 
 def normalized_feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """LAPTOP-Diff normalised feature KD: sum over blocks of ||F_s - F_t||^2 / ||F_t||^2 (per block, whole batch)."""
+    """LAPTOP-Diff normalised feature KD: sum over blocks of ||F_s - F_t||^2 / ||F_t||^2.
+
+    The ratio is taken per frame (row of the ``(B*F, C, H, W)`` feature) and averaged, so the loss of a batch is the
+    mean of its samples' losses: DDP over any split of the batch takes the same step (a whole-batch norm would not).
+    """
     if student.keys() != teacher.keys() or not student:
         raise RuntimeError(f"feature taps disagree: {sorted(student)} vs {sorted(teacher)}")
     total = 0.0
     for k, ft in teacher.items():
         fs = student[k].float()
         ft = ft.float()
-        total = total + ((fs - ft) ** 2).sum() / (ft**2).sum().clamp_min(1e-8)
+        err = ((fs - ft) ** 2).flatten(1).sum(1)
+        total = total + (err / (ft**2).flatten(1).sum(1).clamp_min(1e-8)).mean()
     return total
 
 

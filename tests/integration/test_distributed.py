@@ -69,7 +69,10 @@ def run(kind: str, script: str, args: list[str], check: bool = True, timeout: in
 
 
 def metrics(run_dir) -> list[dict]:
-    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():  # train/prune.py logs per round: RUN/round-K/metrics.jsonl (one round here)
+        path = Path(run_dir) / "round-1" / "metrics.jsonl"
+    return [{k.replace("/round-1/", "/"): v for k, v in json.loads(x).items()} for x in path.read_text().splitlines()]
 
 
 def safetensors_under(model_dir) -> dict[str, torch.Tensor]:
@@ -274,7 +277,7 @@ def test_sigkill_at_every_kind_of_point_then_resume(tmp_path, dataset, tiny_mode
 _COMMON = ["data.generate_clips=0", "data.strides=[1]", "train.tracker=none", "train.log_every=1", "train.batch_size=2",
            "train.max_steps=2", "train.lr_warmup_steps=0", "train.threads=1"]
 OTHER_SCRIPTS = {  # job -> (args(run_dir, model_dir, data), metrics prefix)
-    "prune": (lambda run_dir, model, data: [f"teacher={model}", f"train.run_dir={run_dir}", f"export_dir={run_dir}/model",
+    "prune": (lambda run_dir, model, data: [f"model={model}", f"train.run_dir={run_dir}", f"export_dir={run_dir}/model",
                                             f"data.path={data}", "num_frames=4", *_COMMON], "prune"),
     "interpolator": (lambda run_dir, model, data: [f"vae_model={model}", f"train.run_dir={run_dir}", f"export_dir={run_dir}/model",
                                                    f"data.path={data}", "val_triplets=2", *_COMMON], "interp"),
