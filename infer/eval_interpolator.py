@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from infer.evaluate import EvalClip, load_eval_clips
+from infer.evaluate import EvalClip, load_eval_clips, write_report
 from infer.keyframes import fixed_keyframes, keyframes_for_budget
 from infer.metrics import mouth_psnr, video_metrics
 from infer.pipeline import GenerationConfig, Pose2VideoPipeline
@@ -273,13 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result["command"] = "python -m infer.eval_interpolator " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = to_markdown(result)
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(md + "\n")
+    write_report(result, to_markdown(result), args.out)
     return 0
 
 

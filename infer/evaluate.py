@@ -191,14 +191,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result["command"] = "python -m infer.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = to_markdown(result)
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(md + "\n")
+    write_report(result, to_markdown(result), args.out)
     return 0
+
+
+def write_report(result: dict, md: str, out: str | Path | None) -> None:
+    """Print the markdown table; with ``out``, write ``out`` (JSON) and ``out.md`` atomically (temp, then rename)."""
+    print(md)
+    if not out:
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(result, indent=2)), (out.with_suffix(".md"), md + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

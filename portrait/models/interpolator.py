@@ -47,9 +47,6 @@ Use::
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -365,25 +362,15 @@ class FrameInterpolator(nn.Module):
         path = Path(path)
         if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or _is_interp_folder(path))):
             raise FileExistsError(f"{path} exists and is not an interpolator folder; refusing to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from portrait.data.dataset import atomic_output_dir
+
         meta = {**self.metadata, **(metadata or {})}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_output_dir(path, overwrite=True) as tmp:  # temp sibling, renamed onto ``path`` only on success
             state = {k: v.detach().cpu().contiguous().float() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
             info = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(self.config), "metadata": meta}
             (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
             (tmp / CARD_FILE).write_text(model_card or default_card(self, meta))
-            if path.exists():
-                old = tmp.with_name(tmp.name + ".old")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod
