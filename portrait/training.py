@@ -464,3 +464,33 @@ def format_eta(done: int, total: int, seconds: float) -> str:
         return "?"
     rem = seconds / done * (total - done)
     return f"{int(rem // 60)}m{int(rem % 60):02d}s" if math.isfinite(rem) else "?"
+
+
+def prepare_optimisation(accelerator: Accelerator, module: torch.nn.Module, params: list, train: TrainConfig):
+    """The optimisation state every train script shares: AdamW over ``params``, the LR schedule, an EMA of
+    ``params`` and a :class:`TrainState`; ``module`` is prepared by accelerate and the EMA and state are registered
+    for checkpointing. Returns ``(module, optimizer, scheduler, ema, state)``.
+
+    The accelerator is built with step_scheduler_with_optimizer=False: the scripts step the LR schedule once per
+    optimiser step themselves, instead of accelerate's once per process, so the schedule is the same for any world
+    size.
+    """
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    sched = lr_scheduler(optimizer, train)
+    ema = make_ema(params, train.ema_decay)
+    state = TrainState()
+    module, optimizer, sched = accelerator.prepare(module, optimizer, sched)
+    accelerator.register_for_checkpointing(EMACheckpoint(ema), state)
+    return module, optimizer, sched, ema, state
+
+
+def log_step(accelerator: Accelerator, run_dir: Path, tag: str, state: TrainState, loss: torch.Tensor, optimizer,
+             grad_norm: float, logs: dict, extra: dict | None = None) -> dict:
+    """Log one step's ``TAG/loss``, ``TAG/lr``, ``TAG/grad_norm``, ``TAG/samples_seen``, ``extra`` and the
+    objective's ``logs`` (all reduced over processes) to the trackers and ``run_dir/metrics.jsonl``; return them."""
+    vals = {f"{tag}/loss": accelerator.reduce(loss.detach(), "mean").item(), f"{tag}/lr": lr_of(optimizer),
+            f"{tag}/grad_norm": grad_norm, f"{tag}/samples_seen": state.samples_seen, **(extra or {}),
+            **{f"{tag}/{k}": float(accelerator.reduce(v.detach().float(), "mean")) for k, v in logs.items()}}
+    accelerator.log(vals, step=state.step)
+    append_metrics(accelerator, run_dir, state.step, vals)
+    return vals

@@ -175,11 +175,7 @@ def main(cfg: DistillConfig) -> Path:
         T.advance(state, train, t_start)
         bar.update(1)
         if T.schedule_due(state.step, train.log_every, train.max_steps):
-            vals = {"distill/loss": accelerator.reduce(loss.detach(), "mean").item(), "distill/lr": T.lr_of(optimizer),
-                    "distill/grad_norm": grad_norm, "distill/samples_seen": state.samples_seen,
-                    **{f"distill/{k}": float(accelerator.reduce(v.detach().float(), "mean")) for k, v in logs.items()}}
-            accelerator.log(vals, step=state.step)
-            T.append_metrics(accelerator, run_dir, state.step, vals)
+            vals = T.log_step(accelerator, run_dir, "distill", state, loss, optimizer, grad_norm, logs)
             bar.set_postfix(loss=f"{vals['distill/loss']:.4f}")
         if T.schedule_due(state.step, train.checkpoint_every, train.max_steps):
             manager.save(accelerator, state.step, {"mode": cfg.mode, "samples_seen": state.samples_seen})

@@ -175,12 +175,7 @@ def main(cfg: InterpolatorTrainConfig) -> Path:
         plan = T.GlobalBatchPlan(len(dataset), train.batch_size, micro, train.seed)
         # 4. optimiser / EMA ----------------------------------------------------------------------
         params = [p for p in net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-        sched = T.lr_scheduler(optimizer, train)
-        ema = T.make_ema(params, train.ema_decay)
-        state = T.TrainState()
-        model, optimizer, sched = accelerator.prepare(net, optimizer, sched)
-        accelerator.register_for_checkpointing(T.EMACheckpoint(ema), state)
+        model, optimizer, sched, ema, state = T.prepare_optimisation(accelerator, net, params, train)
         # 5. resume -------------------------------------------------------------------------------
         T.resume(accelerator, manager, state)
         # 6. loop ---------------------------------------------------------------------------------
@@ -200,12 +195,9 @@ def main(cfg: InterpolatorTrainConfig) -> Path:
             T.advance(state, train, t_start)
             bar.update(1)
             if T.schedule_due(state.step, train.log_every, train.max_steps):
-                vals = {"interp/loss": accelerator.reduce(loss.detach(), "mean").item(), "interp/lr": T.lr_of(optimizer),
-                        "interp/grad_norm": grad_norm, "interp/samples_seen": state.samples_seen,
-                        "interp/prior_gain": float(net.prior_gain.detach()) if net.prior_gain is not None else 0.0,
-                        **{f"interp/{k}": float(accelerator.reduce(v.float(), "mean")) for k, v in logs.items()}}
-                accelerator.log(vals, step=state.step)
-                T.append_metrics(accelerator, run_dir, state.step, vals)
+                gain = float(net.prior_gain.detach()) if net.prior_gain is not None else 0.0
+                vals = T.log_step(accelerator, run_dir, "interp", state, loss, optimizer, grad_norm, logs,
+                                  extra={"interp/prior_gain": gain})
                 bar.set_postfix(loss=f"{vals['interp/loss']:.4f}", lap=f"{vals['interp/lap']:.4f}")
             if T.schedule_due(state.step, train.checkpoint_every, train.max_steps):
                 manager.save(accelerator, state.step, {"samples_seen": state.samples_seen})

@@ -184,12 +184,7 @@ def run_round(cfg: PruneConfig, k: int, init: Path, accelerator) -> Path:
     T.logger.info(f"[round {k}] KD recovery ({'task + out-KD + feature-KD' if cfg.kd else 'task only'}) of "
                   f"{sum(p.numel() for p in params) / 1e6:.3f} M parameters for {steps} steps; global batch {train.batch_size}")
     # 3. optimiser / EMA ---------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    sched = T.lr_scheduler(optimizer, train)
-    ema = T.make_ema(params, train.ema_decay)
-    state = T.TrainState()
-    objective, optimizer, sched = accelerator.prepare(objective, optimizer, sched)
-    accelerator.register_for_checkpointing(T.EMACheckpoint(ema), state)
+    objective, optimizer, sched, ema, state = T.prepare_optimisation(accelerator, objective, params, train)
     # 4. resume -----------------------------------------------------------------------------------
     T.resume(accelerator, manager, state)
     # 5. loop -------------------------------------------------------------------------------------
@@ -209,11 +204,7 @@ def run_round(cfg: PruneConfig, k: int, init: Path, accelerator) -> Path:
         T.advance(state, train, t_start)
         bar.update(1)
         if T.schedule_due(state.step, train.log_every, train.max_steps):
-            vals = {f"{tag}/loss": accelerator.reduce(loss.detach(), "mean").item(), f"{tag}/lr": T.lr_of(optimizer),
-                    f"{tag}/grad_norm": grad_norm, f"{tag}/samples_seen": state.samples_seen,
-                    **{f"{tag}/{n}": float(accelerator.reduce(v.detach().float(), "mean")) for n, v in logs.items()}}
-            accelerator.log(vals, step=state.step)
-            T.append_metrics(accelerator, round_dir, state.step, vals)
+            vals = T.log_step(accelerator, round_dir, tag, state, loss, optimizer, grad_norm, logs)
             bar.set_postfix(loss=f"{vals[f'{tag}/loss']:.4f}")
         if T.schedule_due(state.step, train.checkpoint_every, train.max_steps):
             manager.save(accelerator, state.step, {"round": k, "samples_seen": state.samples_seen})

@@ -139,14 +139,7 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
         params = T.drop_unused_parameters(params, lambda: objective(probe_batch, [T.sample_generator(train.seed, -1, "probe")])[0])
         T.logger.info(f"[{stage}] froze {n_before - len(params)} parameter tensors that never receive a gradient")
     # 4. optimiser / EMA ---------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    sched = T.lr_scheduler(optimizer, train)
-    ema = T.make_ema(params, train.ema_decay)
-    state = T.TrainState()
-    # The accelerator is built with step_scheduler_with_optimizer=False: we step the LR schedule once per optimiser
-    # step ourselves, instead of accelerate's once per process, so the schedule is the same for any world size.
-    objective, optimizer, sched = accelerator.prepare(objective, optimizer, sched)
-    accelerator.register_for_checkpointing(T.EMACheckpoint(ema), state)
+    objective, optimizer, sched, ema, state = T.prepare_optimisation(accelerator, objective, params, train)
     # 5. resume -----------------------------------------------------------------------------------
     T.resume(accelerator, manager, state)
     # 6. loop -------------------------------------------------------------------------------------
@@ -171,11 +164,7 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
         T.advance(state, train, t_start)
         bar.update(1)
         if T.schedule_due(state.step, train.log_every, train.max_steps):
-            vals = {f"{stage}/loss": accelerator.reduce(loss.detach(), "mean").item(), f"{stage}/lr": T.lr_of(optimizer),
-                    f"{stage}/grad_norm": grad_norm, f"{stage}/samples_seen": state.samples_seen,
-                    **{f"{stage}/{k}": float(accelerator.reduce(v.detach().float(), "mean")) for k, v in logs.items()}}
-            accelerator.log(vals, step=state.step)
-            T.append_metrics(accelerator, stage_dir, state.step, vals)
+            vals = T.log_step(accelerator, stage_dir, stage, state, loss, optimizer, grad_norm, logs)
             bar.set_postfix(loss=f"{vals[f'{stage}/loss']:.4f}")
         if T.schedule_due(state.step, train.checkpoint_every, train.max_steps):
             manager.save(accelerator, state.step, {"stage": stage, "samples_seen": state.samples_seen})
