@@ -6,11 +6,12 @@
 #   bash launch.sh teacher                                   # tiny teacher on CPU, embedded default
 #   FP_ACCELERATE=ddp_2cpu bash launch.sh distill            # 2-process gloo DDP on CPU
 #   FP_ACCELERATE=deepspeed_zero2 bash launch.sh distill --config configs/distill/aniportrait_4step.yaml
+#   FP_ACCELERATE=ddp_2node_8gpu FP_ACCELERATE_ARGS="--machine_rank 1 --main_process_ip 10.0.0.1" bash launch.sh distill ...
 set -euo pipefail
 cd "$(dirname "$0")"
 job="${1:-}"
 if [[ -z "$job" ]]; then
-  sed -n '2,8p' "$0"; exit 2
+  sed -n '2,9p' "$0"; exit 2
 fi
 shift
 acc_cfg="configs/accelerate/${FP_ACCELERATE:-single}.yaml"
@@ -23,7 +24,9 @@ train_job() {
   # DeepSpeed configs run on CPU as they are (DeepSpeed picks its CPU accelerator when no GPU is found);
   # ACCELERATE_USE_CPU=1 would silently turn them into plain DDP, so it is dropped for them.
   if [[ "$acc_cfg" == *deepspeed* ]]; then unset ACCELERATE_USE_CPU; fi
-  exec accelerate launch --config_file "$acc_cfg" "train/$1.py" "${@:2}"
+  # FP_ACCELERATE_ARGS: extra `accelerate launch` flags (word-split), e.g. the per-node --machine_rank
+  # shellcheck disable=SC2086
+  exec accelerate launch --config_file "$acc_cfg" ${FP_ACCELERATE_ARGS:-} "train/$1.py" "${@:2}"
 }
 case "$job" in
   teacher|distill|prune|interpolator)

@@ -58,11 +58,28 @@ class VAELoss(nn.Module):
 class TeacherDiffusionLoss(nn.Module):
     """The teacher's denoising objective over (reference, pose clip, target clip) batches."""
 
-    def __init__(self, model: Pose2VideoModel, snr_gamma: float = 5.0, noise_offset: float = 0.05, uncond_ratio: float = 0.1):
+    def __init__(self, model: Pose2VideoModel, snr_gamma: float = 5.0, noise_offset: float = 0.05, uncond_ratio: float = 0.1,
+                 min_weight: float = 0.0):
         super().__init__()
+        if not 0.0 <= min_weight <= 1.0:
+            raise ValueError(f"objective.min_weight={min_weight}: must be in [0, 1] (0 = AniPortrait's min-SNR weight, 1 = plain v-MSE)")
         self.model = model
         self.noise_scheduler = training_noise_scheduler(model)
         self.snr_gamma, self.noise_offset, self.uncond_ratio = snr_gamma, noise_offset, uncond_ratio
+        self.min_weight = min_weight
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-timestep weight of the v-MSE: AniPortrait's min-SNR-gamma for v-prediction, min(snr, gamma) / (snr + 1),
+        floored at ``min_weight``.
+
+        Under zero-terminal SNR that weight is 0 at t = 999 and < 0.0015 for t > 800 (tiny schedule), so the
+        high-noise steps, which place the face, get no gradient. Fine-tuning SD1.5 (upstream) can afford that; a
+        model trained from scratch cannot, hence the floor (1.0 turns the weight into plain v-MSE, since the
+        min-SNR weight never exceeds 1).
+        """
+        snr = compute_snr(self.noise_scheduler, t)
+        weight = torch.minimum(snr, torch.full_like(snr, self.snr_gamma)) / (snr + 1)
+        return weight.clamp(min=self.min_weight)
 
     def forward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
         """batch from ``ClipDataset`` (uint8 images); one generator per sample -> (loss, logs)."""
@@ -96,8 +113,6 @@ class TeacherDiffusionLoss(nn.Module):
         v_target = self.noise_scheduler.get_velocity(latents, noise, t)
         pred = m.denoise(noisy, t, enc, feats, bank, active=active)
         mse = ((pred.float() - v_target.float()) ** 2).mean(dim=(1, 2, 3, 4))
-        # min-SNR-gamma for v-prediction: min(snr, gamma) / (snr + 1)
-        snr = compute_snr(self.noise_scheduler, t)
-        weight = torch.minimum(snr, torch.full_like(snr, self.snr_gamma)) / (snr + 1)
+        weight = self.loss_weight(t)
         loss = (weight * mse).mean()
         return loss, {"mse": mse.mean().detach(), "uncond_frac": drop.float().mean()}

@@ -494,3 +494,45 @@ def log_step(accelerator: Accelerator, run_dir: Path, tag: str, state: TrainStat
     accelerator.log(vals, step=state.step)
     append_metrics(accelerator, run_dir, state.step, vals)
     return vals
+
+
+def run_loop(accelerator: Accelerator, train: TrainConfig, state: TrainState, manager: CheckpointManager, *,
+             tag: str, run_dir: Path, plan: GlobalBatchPlan, dataset, stream: str, accumulate: torch.nn.Module,
+             params: list[torch.nn.Parameter], optimizer, scheduler, ema, compute_loss, desc: str | None = None,
+             checkpoint_extra: dict | None = None, log_extra=None, postfix: tuple[str, ...] = ("loss",),
+             after_step=None) -> None:
+    """The step loop every train script shares, from ``state.step`` (after a resume) to ``train.max_steps``.
+
+    Per optimiser step: ``train.grad_accum_steps`` micro-batches from ``plan`` (``stream`` names the per-sample
+    noise stream) -> ``compute_loss(batch, generators) -> (loss, logs)`` inside ``accelerator.accumulate`` -> NaN
+    guard, backward, clip, optimiser step (:func:`backward_step`); then the LR schedule, the EMA and the counters.
+    Every ``train.log_every`` steps it logs ``TAG/*`` (:func:`log_step`, plus ``log_extra()``) and every
+    ``train.checkpoint_every`` steps it saves a checkpoint carrying ``checkpoint_extra``; ``after_step(step)`` runs
+    last (sample grids, validation).
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=train.max_steps, initial=state.step, desc=desc or tag, disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    t_start = time.time() - state.wall_seconds
+    norm_at_sync = 0.0
+    while state.step < train.max_steps:
+        for micro_step in range(train.grad_accum_steps):
+            batch, gens = micro_batch(plan, dataset, accelerator, state.step, micro_step, train.seed, stream)
+            with accelerator.accumulate(accumulate):
+                loss, logs = compute_loss(batch, gens)
+                norm = backward_step(accelerator, loss, params, optimizer, train, state, manager)
+                norm_at_sync = norm_at_sync if norm is None else norm
+        scheduler.step()
+        ema.step(params)
+        advance(state, train, t_start)
+        bar.update(1)
+        if schedule_due(state.step, train.log_every, train.max_steps):
+            vals = log_step(accelerator, run_dir, tag, state, loss, optimizer, norm_at_sync, logs,
+                            extra=log_extra() if log_extra else None)
+            bar.set_postfix({k: f"{vals[f'{tag}/{k}']:.4f}" for k in postfix})
+        if schedule_due(state.step, train.checkpoint_every, train.max_steps):
+            manager.save(accelerator, state.step, {**(checkpoint_extra or {}), "samples_seen": state.samples_seen})
+        if after_step is not None:
+            after_step(state.step)
+    bar.close()

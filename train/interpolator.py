@@ -30,12 +30,10 @@ if not __package__:  # launched by path: put the repo root first (DESIGN §2)
     sys.path[0] = str(_P(__file__).resolve().parents[1])
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from portrait import config as config_lib
 from portrait import interpolation as I
@@ -179,29 +177,15 @@ def main(cfg: InterpolatorTrainConfig) -> Path:
         # 5. resume -------------------------------------------------------------------------------
         T.resume(accelerator, manager, state)
         # 6. loop ---------------------------------------------------------------------------------
-        bar = tqdm(total=train.max_steps, initial=state.step, desc="interpolator", disable=not accelerator.is_main_process, dynamic_ncols=True)
-        t_start = time.time() - state.wall_seconds
-        grad_norm = 0.0
-        while state.step < train.max_steps:
-            for micro_step in range(train.grad_accum_steps):
-                batch, gens = T.micro_batch(plan, dataset, accelerator, state.step, micro_step, train.seed, "interpolator")
-                trip = make_triplets(batch, gens, cfg, vae, device)
-                with accelerator.accumulate(model):
-                    loss, logs = objective(model, trip, cfg)
-                    norm = T.backward_step(accelerator, loss, params, optimizer, train, state, manager)
-                    grad_norm = grad_norm if norm is None else norm
-            sched.step()
-            ema.step(params)
-            T.advance(state, train, t_start)
-            bar.update(1)
-            if T.schedule_due(state.step, train.log_every, train.max_steps):
-                gain = float(net.prior_gain.detach()) if net.prior_gain is not None else 0.0
-                vals = T.log_step(accelerator, run_dir, "interp", state, loss, optimizer, grad_norm, logs,
-                                  extra={"interp/prior_gain": gain})
-                bar.set_postfix(loss=f"{vals['interp/loss']:.4f}", lap=f"{vals['interp/lap']:.4f}")
-            if T.schedule_due(state.step, train.checkpoint_every, train.max_steps):
-                manager.save(accelerator, state.step, {"samples_seen": state.samples_seen})
-        bar.close()
+        def compute_loss(batch, gens):
+            return objective(model, make_triplets(batch, gens, cfg, vae, device), cfg)
+
+        def log_extra():
+            return {"interp/prior_gain": float(net.prior_gain.detach()) if net.prior_gain is not None else 0.0}
+
+        T.run_loop(accelerator, train, state, manager, tag="interp", desc="interpolator", run_dir=run_dir, plan=plan,
+                   dataset=dataset, stream="interpolator", accumulate=model, params=params, optimizer=optimizer,
+                   scheduler=sched, ema=ema, compute_loss=compute_loss, log_extra=log_extra, postfix=("loss", "lap"))
         # 7. export (EMA weights, atomic folder + model card) ----------------------------------------
         accelerator.wait_for_everyone()
         export = Path(cfg.export_dir)

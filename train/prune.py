@@ -33,12 +33,10 @@ if not __package__:  # launched by path: put the repo root first so `prune`, `po
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from portrait import config as config_lib
 from portrait import training as T
@@ -188,27 +186,9 @@ def run_round(cfg: PruneConfig, k: int, init: Path, accelerator) -> Path:
     # 4. resume -----------------------------------------------------------------------------------
     T.resume(accelerator, manager, state)
     # 5. loop -------------------------------------------------------------------------------------
-    tag = f"prune/round-{k}"
-    bar = tqdm(total=train.max_steps, initial=state.step, desc=f"prune round {k}", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    t_start = time.time() - state.wall_seconds
-    grad_norm = 0.0
-    while state.step < train.max_steps:
-        for micro_step in range(train.grad_accum_steps):
-            batch, gens = T.micro_batch(plan, dataset, accelerator, state.step, micro_step, train.seed, f"prune-{k}")
-            with accelerator.accumulate(objective):
-                loss, logs = objective(batch, gens)
-                norm = T.backward_step(accelerator, loss, params, optimizer, train, state, manager)
-                grad_norm = grad_norm if norm is None else norm
-        sched.step()
-        ema.step(params)
-        T.advance(state, train, t_start)
-        bar.update(1)
-        if T.schedule_due(state.step, train.log_every, train.max_steps):
-            vals = T.log_step(accelerator, round_dir, tag, state, loss, optimizer, grad_norm, logs)
-            bar.set_postfix(loss=f"{vals[f'{tag}/loss']:.4f}")
-        if T.schedule_due(state.step, train.checkpoint_every, train.max_steps):
-            manager.save(accelerator, state.step, {"round": k, "samples_seen": state.samples_seen})
-    bar.close()
+    T.run_loop(accelerator, train, state, manager, tag=f"prune/round-{k}", desc=f"prune round {k}", run_dir=round_dir,
+               plan=plan, dataset=dataset, stream=f"prune-{k}", accumulate=objective, params=params, optimizer=optimizer,
+               scheduler=sched, ema=ema, compute_loss=objective, checkpoint_extra={"round": k})
     # 6. export (EMA weights) ----------------------------------------------------------------------
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

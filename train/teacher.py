@@ -30,13 +30,11 @@ if not __package__:  # launched by path: put the repo root first so `distill`, `
 
 import dataclasses
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from portrait import config as config_lib
 from portrait import training as T
@@ -58,6 +56,8 @@ class StageConfig:
 @dataclass
 class ObjectiveConfig:
     snr_gamma: float = 5.0
+    # floor of the min-SNR weight (0 = AniPortrait's objective exactly; see TeacherDiffusionLoss.loss_weight)
+    min_weight: float = 0.0
     noise_offset: float = 0.05
     uncond_ratio: float = 0.1
     kl_weight: float = 1e-6
@@ -126,7 +126,7 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
     if model.pose_guider.config.mode == "faithful":
         pass  # batch statistics in train and eval alike (upstream quirk), see PoseGuider
     objective = VAELoss(model, cfg.objective.kl_weight) if stage == "vae" else TeacherDiffusionLoss(
-        model, cfg.objective.snr_gamma, cfg.objective.noise_offset, cfg.objective.uncond_ratio)
+        model, cfg.objective.snr_gamma, cfg.objective.noise_offset, cfg.objective.uncond_ratio, cfg.objective.min_weight)
     T.logger.info(f"[{stage}] training {sum(p.numel() for p in params) / 1e6:.2f} M of {count_parameters(model) / 1e6:.2f} M parameters; "
                   f"global batch {train.batch_size} = {accelerator.num_processes} proc x {micro} x {train.grad_accum_steps} accum")
     # 3. data -------------------------------------------------------------------------------------
@@ -143,34 +143,21 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
     # 5. resume -----------------------------------------------------------------------------------
     T.resume(accelerator, manager, state)
     # 6. loop -------------------------------------------------------------------------------------
-    bar = tqdm(total=train.max_steps, initial=state.step, desc=stage, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    t_start = time.time() - state.wall_seconds
-    grad_norm = 0.0
-    while state.step < train.max_steps:
-        for micro_step in range(train.grad_accum_steps):
-            batch, gens = T.micro_batch(plan, dataset, accelerator, state.step, micro_step, train.seed, stage)
-            with accelerator.accumulate(objective):
-                if stage == "vae":
-                    frames = to_unit(batch["target"]).flatten(0, 1).to(accelerator.device)
-                    h = frames.shape[-1] // model.vae_scale_factor
-                    eps = torch.stack([torch.randn(model.vae.config.latent_channels, h, h, generator=g) for g in gens for _ in range(sc.num_frames)])
-                    loss, logs = objective(frames, eps.to(accelerator.device))
-                else:
-                    loss, logs = objective(batch, gens)
-                norm = T.backward_step(accelerator, loss, params, optimizer, train, state, manager)
-                grad_norm = grad_norm if norm is None else norm
-        sched.step()
-        ema.step(params)
-        T.advance(state, train, t_start)
-        bar.update(1)
-        if T.schedule_due(state.step, train.log_every, train.max_steps):
-            vals = T.log_step(accelerator, stage_dir, stage, state, loss, optimizer, grad_norm, logs)
-            bar.set_postfix(loss=f"{vals[f'{stage}/loss']:.4f}")
-        if T.schedule_due(state.step, train.checkpoint_every, train.max_steps):
-            manager.save(accelerator, state.step, {"stage": stage, "samples_seen": state.samples_seen})
-        if stage != "vae" and train.sample_every and state.step % train.sample_every == 0 and state.step < train.max_steps:
-            sample_and_log(cfg, model, ema, params, dataset, accelerator, stage, state.step)
-    bar.close()
+    def compute_loss(batch, gens):
+        if stage != "vae":
+            return objective(batch, gens)
+        frames = to_unit(batch["target"]).flatten(0, 1).to(accelerator.device)
+        h = frames.shape[-1] // model.vae_scale_factor
+        eps = torch.stack([torch.randn(model.vae.config.latent_channels, h, h, generator=g) for g in gens for _ in range(sc.num_frames)])
+        return objective(frames, eps.to(accelerator.device))
+
+    def after_step(step):
+        if stage != "vae" and train.sample_every and step % train.sample_every == 0 and step < train.max_steps:
+            sample_and_log(cfg, model, ema, params, dataset, accelerator, stage, step)
+
+    T.run_loop(accelerator, train, state, manager, tag=stage, run_dir=stage_dir, plan=plan, dataset=dataset, stream=stage,
+               accumulate=objective, params=params, optimizer=optimizer, scheduler=sched, ema=ema,
+               compute_loss=compute_loss, checkpoint_extra={"stage": stage}, after_step=after_step)
     # 7. export -----------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

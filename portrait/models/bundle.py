@@ -320,7 +320,8 @@ class Pose2VideoModel(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.metadata)
         meta.update(metadata or {})
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        _sweep_stale_tmp(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
         try:
             self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             self.image_encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
@@ -380,6 +381,28 @@ def read_model_info(path: Path) -> dict:
     if info.get("format_version", 0) > FORMAT_VERSION:
         raise ModelFolderError(f"{path} has format version {info['format_version']}, newer than this code ({FORMAT_VERSION}); upgrade fastportrait")
     return info
+
+
+def _sweep_stale_tmp(path: Path) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` folders next to ``path`` left by an export whose process died (SIGKILL, OOM).
+
+    Temp folders of live processes are left alone, so two exports of the same folder never delete each other's work.
+    """
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or not tmp.is_dir():
+            continue  # not ours (pre-PID format): leave it
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 def _replace_dir(tmp: Path, dst: Path) -> None:

@@ -284,7 +284,7 @@ class FrameInterpolator(nn.Module):
                     # Splatted at 1/4 resolution and upsampled: the prior is smooth at sigma ~ 6 % of the frame, and
                     # the (pixels x 68) Gaussian weights at full resolution cost more than the network.
                     ps = 4 if min(h, w) >= 32 else 1
-                    lmk_s = [l / ps for l in (lmk_t, lmk0, lmk1)]
+                    lmk_s = [pts / ps for pts in (lmk_t, lmk0, lmk1)]
                     prior = landmark_flow_prior(*lmk_s, (h // ps, w // ps), cfg.prior_sigma).to(img0.dtype)
                     if ps > 1:
                         prior = F.interpolate(prior, size=(h, w), mode="bilinear", align_corners=False)

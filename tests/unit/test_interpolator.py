@@ -6,11 +6,25 @@ import numpy as np
 import pytest
 import torch
 
-from infer.keyframes import (KeyframeSpecError, adaptive_keyframes, fixed_keyframes, interpolation_error, keyframes_for_budget,
-                             parse_keyframes, select_keyframes)
+from infer.keyframes import (
+    KeyframeSpecError,
+    adaptive_keyframes,
+    fixed_keyframes,
+    interpolation_error,
+    keyframes_for_budget,
+    parse_keyframes,
+    select_keyframes,
+)
 from portrait.interpolation import MIRROR_68, landmark_consistency, mirror_landmarks
-from portrait.models.interpolator import (FrameInterpolator, InterpolatorConfig, InterpolatorFolderError, LinearBlend,
-                                          build_interpolator, fill_between_keyframes, fuse, landmark_flow_prior)
+from portrait.models.interpolator import (
+    FrameInterpolator,
+    InterpolatorFolderError,
+    LinearBlend,
+    build_interpolator,
+    fill_between_keyframes,
+    fuse,
+    landmark_flow_prior,
+)
 
 
 def _randomise(net: FrameInterpolator, seed: int = 0, scale: float = 0.05) -> FrameInterpolator:

@@ -214,6 +214,23 @@ def test_save_is_atomic_and_keeps_previous_on_failure(tmp_path, tiny_model, monk
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp folder left behind"
 
 
+def test_save_sweeps_temp_folders_of_dead_exports_only(tmp_path, tiny_model):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / f".m.tmp-{dead.stdout.strip()}-abc"  # a SIGKILLed export of the same folder
+    live = tmp_path / f".m.tmp-{os.getpid()}-xyz"  # a concurrent export still running
+    other = tmp_path / ".other.tmp-1-abc"  # another folder's export
+    for d in (stale, live, other):
+        (d / "vae").mkdir(parents=True)
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert not stale.exists()
+    assert live.is_dir() and other.is_dir()
+    assert sorted(p.name for p in tmp_path.glob(".m.tmp-*")) == [live.name]
+
+
 def test_full_size_config_builds_aniportrait_shapes_on_meta():
     """configs/model/aniportrait.yaml builds exactly AniPortrait's parameter counts (fixture manifests)."""
     from pathlib import Path

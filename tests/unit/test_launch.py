@@ -1,0 +1,28 @@
+"""launch.sh: unknown jobs fail clearly, and FP_ACCELERATE_ARGS reaches `accelerate launch` (multi-node ranks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(*args, **env):
+    return subprocess.run(["bash", str(ROOT / "launch.sh"), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_unknown_job_and_missing_accelerate_config_are_clear_errors():
+    r = _launch("nosuchjob")
+    assert r.returncode == 2 and "unknown job 'nosuchjob'" in r.stderr
+    r = _launch("teacher", FP_ACCELERATE="no_such_config")
+    assert r.returncode == 2 and "configs/accelerate/no_such_config.yaml not found" in r.stderr
+
+
+def test_fp_accelerate_args_are_passed_to_the_launcher():
+    # accelerate rejects the made-up flag before starting any process, which proves it received it
+    r = _launch("teacher", FP_ACCELERATE_ARGS="--machine_rank 0 --no_such_launcher_flag")
+    assert r.returncode != 0
+    assert "--no_such_launcher_flag" in r.stderr
