@@ -59,3 +59,23 @@ def test_cross_protocol_takes_the_reference_from_another_clip_of_the_identity(sm
         assert int(ds[int(ds.other_clips(c.index)[0])]["identity"]) == int(ds[c.index]["identity"])
     with pytest.raises(ValueError, match="protocol"):
         load_eval_clips(small_data, "test", clips=1, frames=8, protocol="other")
+
+
+def test_x0_probe_reports_per_timestep_psnr_and_checks_folders_first(tiny_model_dir, small_data, tmp_path, capsys):
+    from infer import x0_probe
+
+    out = tmp_path / "probe.json"
+    code = x0_probe.main(["--model", str(tiny_model_dir), "--data", str(small_data), "--clips", "2", "--frames", "4",
+                          "--timesteps", "999", "500", "0", "--out", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())["results"][str(tiny_model_dir)]
+    t = {int(k): v for k, v in r["t"].items()}
+    assert set(t) == {999, 500, 0}
+    # x_0 ~ the clean latents at t = 0 whatever the (untrained) UNet says, so the probe reproduces the VAE round trip
+    assert abs(t[0] - r["vae"]) < 0.5
+    # a bad folder in the list is refused before any model is run
+    bad = tmp_path / "not_a_model"
+    bad.mkdir()
+    assert x0_probe.main(["--model", str(tiny_model_dir), "--model", str(bad), "--data", str(small_data)]) == 2
+    assert "not_a_model" in capsys.readouterr().err
+    assert x0_probe.main(["--model", str(tiny_model_dir), "--data", str(small_data), "--timesteps", "1000"]) == 2
