@@ -57,7 +57,8 @@ class PruneConfig:
     importance: str = "taylor"  # magnitude | taylor
     scope: str = "local"  # local: every structure shrinks by the ratio; global: rank across structures of a kind
     ratio: float = 0.5  # final fraction of units removed (heads, GroupNorm groups, GEGLU channels)
-    target_mac_reduction: float = 0.0  # > 0: find the global ratio by bisection to remove this fraction of UNet MACs
+    target_mac_reduction: float = 0.4  # > 0: find the global ratio by bisection to remove this fraction of UNet MACs
+    # (then ``ratio`` is ignored; set 0 to prune by ``ratio``)
     block_ratios: dict[str, float] = field(default_factory=dict)  # e.g. {mid_block: 0.7, down_blocks.0: 0.2}
     kind_ratios: dict[str, float] = field(default_factory=dict)  # e.g. {motion_attention: 0.5}
     kinds: list[str] = field(default_factory=lambda: list(G.KINDS))
@@ -76,7 +77,7 @@ class PruneConfig:
     count_repeats: int = 5
     eval_clips: int = 4  # quick held-out evaluation of the export for its card (0: skip)
     eval_frames: int = 8
-    data: T.DataConfig = field(default_factory=T.DataConfig)
+    data: T.DataConfig = field(default_factory=lambda: T.DataConfig(reference="mixed"))  # as the teacher trained
     train: T.TrainConfig = field(default_factory=lambda: T.TrainConfig(
         run_dir="runs/prune/tiny", batch_size=2, max_steps=150, lr=5e-5, lr_warmup_steps=10, ema_decay=0.99,
         checkpoint_every=50, log_every=10))

@@ -56,8 +56,9 @@ class StageConfig:
 @dataclass
 class ObjectiveConfig:
     snr_gamma: float = 5.0
-    # floor of the min-SNR weight (0 = AniPortrait's objective exactly; see TeacherDiffusionLoss.loss_weight)
-    min_weight: float = 0.0
+    # floor of the min-SNR weight: 1.0 = plain v-MSE (the from-scratch default), 0.0 = AniPortrait's objective
+    # exactly (configs/teacher/aniportrait_stage2.yaml); see TeacherDiffusionLoss.loss_weight
+    min_weight: float = 1.0
     noise_offset: float = 0.05
     uncond_ratio: float = 0.1
     kl_weight: float = 1e-6
@@ -70,8 +71,8 @@ class TeacherConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     export_dir: str = "runs/teacher/tiny/model"
     vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=3000, batch_size=16, lr=1e-3, num_frames=1))
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=2400, batch_size=8, lr=3e-4, num_frames=1))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=400, batch_size=2, lr=2e-4, num_frames=8))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=5000, batch_size=16, lr=3e-4, num_frames=1))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(max_steps=600, batch_size=2, lr=2e-4, num_frames=8))
     sample_steps: int = 25
     # After the vae stage, set model.latent_scale to 1/std of the latents of this many training frames, so the
     # diffusion stages see unit-variance latents (SD's 0.18215 was fitted the same way to SD's VAE).

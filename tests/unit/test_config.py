@@ -41,6 +41,17 @@ def test_every_yaml_under_configs_validates():
     assert checked == len(files)
 
 
+@pytest.mark.parametrize("group", ["teacher", "distill", "interpolator", "prune"])
+def test_running_a_train_script_without_config_is_its_tiny_yaml(group):
+    """Each tiny YAML says it equals running the script with no --config: keep the two from drifting."""
+    schema = schemas()[group]
+    path = REPO / "configs" / group / ("tiny_4step.yaml" if group == "distill" else "tiny.yaml")
+    from_yaml = config_lib.to_dict(config_lib.load(schema, path))
+    defaults = config_lib.to_dict(schema())
+    diff = {k: (defaults.get(k), v) for k, v in from_yaml.items() if defaults.get(k) != v}
+    assert not diff, f"{path.name} differs from {schema.__name__}() defaults (default, yaml): {diff}"
+
+
 def test_unknown_key_is_named(tmp_path):
     p = tmp_path / "m.yaml"
     p.write_text("name: x\nresolutoin: 64\n")
