@@ -72,8 +72,8 @@ class InterpolatorTrainConfig:
     loss: InterpLossConfig = field(default_factory=InterpLossConfig)
     data: T.DataConfig = field(default_factory=lambda: T.DataConfig(strides=[1], reference="first"))
     train: T.TrainConfig = field(default_factory=lambda: T.TrainConfig(
-        run_dir="runs/interpolator/tiny", batch_size=16, max_steps=600, lr=1e-3, lr_schedule="cosine", lr_warmup_steps=30,
-        ema_decay=0.99, checkpoint_every=100, log_every=10))
+        run_dir="runs/interpolator/tiny", batch_size=16, max_steps=6000, lr=1e-3, lr_schedule="cosine", lr_warmup_steps=30,
+        ema_decay=0.99, checkpoint_every=500, log_every=10))
 
 
 def load_vae(path: str):
