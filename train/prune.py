@@ -70,6 +70,9 @@ class PruneConfig:
     out_kd_weight: float = 1.0
     feat_kd_weight: float = 1.0
     snr_gamma: float = 5.0  # teacher task loss (portrait.objectives.TeacherDiffusionLoss)
+    # the teacher's loss-weight floor: 1.0 (plain v-MSE) as the shipped tiny teacher v2 was trained; 0.0 for
+    # AniPortrait's min-SNR weight (an imported AniPortrait model, tiny teacher v1)
+    min_weight: float = 1.0
     noise_offset: float = 0.05
     uncond_ratio: float = 0.1
     num_frames: int = 8  # frames per training clip
@@ -171,7 +174,7 @@ def run_round(cfg: PruneConfig, k: int, init: Path, accelerator) -> Path:
     model.denoising_unet.requires_grad_(True)
     model.train()
     student = model.config.time_cond_proj_dim is not None
-    task = None if student else TeacherDiffusionLoss(model, cfg.snr_gamma, cfg.noise_offset, cfg.uncond_ratio)
+    task = None if student else TeacherDiffusionLoss(model, cfg.snr_gamma, cfg.noise_offset, cfg.uncond_ratio, cfg.min_weight)
     dist = model.metadata.get("distillation", {})
     objective = PruneKDLoss(model, frozen, task, pruner.inference_timesteps(model, cfg.taylor_steps or None) if student else None,
                             cfg.task_weight, cfg.out_kd_weight if cfg.kd else 0.0, cfg.feat_kd_weight if cfg.kd else 0.0,
