@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_cli import component_weights, run_train_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,19 +23,10 @@ def dataset(train_dataset):
 
 
 def _distill(run_dir, teacher, data, *overrides, module=False, check=True):
-    cmd = [sys.executable, "-m", "train.distill"] if module else [sys.executable, "train/distill.py"]
     args = [f"teacher={teacher}", f"train.run_dir={run_dir}", f"export_dir={run_dir}/model", f"data.path={data}", "data.generate_clips=0",
             "train.tracker=none", "train.log_every=1", "train.batch_size=2", "num_frames=4", "data.strides=[1]", "teacher_sample_steps=2",
             "train.lr_warmup_steps=0", "train.lr=1e-4", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def _unet(model_dir):
-    return load_file(str(Path(model_dir) / "denoising_unet" / "diffusion_pytorch_model.safetensors"))
+    return run_train_script("distill", args, module=module, check=check, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
@@ -42,11 +34,11 @@ def test_lcm_two_steps_resume_one_step_equals_three_and_exports(tmp_path, datase
     common = ("train.checkpoint_every=1", "train.threads=1")
     _distill(tmp_path / "a", tiny_model_dir, dataset, *common, "train.max_steps=2")
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
-    first = _unet(tmp_path / "a" / "model")
+    first = component_weights(tmp_path / "a" / "model")
     r = _distill(tmp_path / "a", tiny_model_dir, dataset, *common, "train.max_steps=3")  # same command, longer: resumes
     assert "resumed from" in r.stderr + r.stdout
     _distill(tmp_path / "b", tiny_model_dir, dataset, *common, "train.max_steps=3")
-    a, b = _unet(tmp_path / "a" / "model"), _unet(tmp_path / "b" / "model")
+    a, b = component_weights(tmp_path / "a" / "model"), component_weights(tmp_path / "b" / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resume is exact (EMA target included)
     assert any(not torch.equal(first[k], a[k]) for k in a)
     ta = torch.load(tmp_path / "a" / "checkpoints" / "step-0000003" / "custom_checkpoint_0.pkl")

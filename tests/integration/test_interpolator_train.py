@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_cli import run_train_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(run_dir, data, vae_model, *overrides, module=False, check=True):
-    cmd = [sys.executable, "-m", "train.interpolator"] if module else [sys.executable, "train/interpolator.py"]
     args = [f"train.run_dir={run_dir}", f"export_dir={run_dir}/model", f"data.path={data}", "data.generate_clips=0",
             f"vae_model={vae_model}", "train.tracker=none", "train.log_every=1", "train.batch_size=4", "train.threads=1",
             "train.lr_schedule=constant", "train.lr_warmup_steps=0", "train.checkpoint_every=2", "val_triplets=4", *overrides]
-    r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return run_train_script("interpolator", args, module=module, check=check, timeout=600)
 
 
 @pytest.mark.slow  # three subprocess trainings, ~60-110 s on a busy 2-core CPU

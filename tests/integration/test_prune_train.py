@@ -11,25 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from train_cli import component_weights, run_train_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _prune(run_dir, model, data, *overrides, module=False, check=True):
-    cmd = [sys.executable, "-m", "train.prune"] if module else [sys.executable, "train/prune.py"]
     args = [f"model={model}", f"train.run_dir={run_dir}", f"export_dir={run_dir}/model", f"data.path={data}", "data.generate_clips=0",
             "train.tracker=none", "train.log_every=1", "train.batch_size=1", "num_frames=4", "data.strides=[1]", "train.threads=1",
             "train.lr_warmup_steps=0", "train.lr=1e-4", "importance=magnitude", "target_mac_reduction=0.4", "eval_clips=0",
             "count_frames=2", "count_repeats=1", "train.checkpoint_every=1", *overrides]
-    r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def _unet(model_dir):
-    return load_file(str(Path(model_dir) / "denoising_unet" / "diffusion_pytorch_model.safetensors"))
+    return run_train_script("prune", args, module=module, check=check, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
@@ -39,7 +31,7 @@ def test_two_kd_steps_resume_exact_export_and_animate(tmp_path, train_dataset, t
     r = _prune(tmp_path / "a", tiny_model_dir, train_dataset, "train.max_steps=3")  # the same command, longer: resumes
     assert "resumed from" in r.stderr + r.stdout
     _prune(tmp_path / "b", tiny_model_dir, train_dataset, "train.max_steps=3", module=True)  # fresh, as a module
-    a, b = _unet(tmp_path / "a" / "model"), _unet(tmp_path / "b" / "model")
+    a, b = component_weights(tmp_path / "a" / "model"), component_weights(tmp_path / "b" / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # prune + resume is exact
 
     from portrait.models import Pose2VideoModel

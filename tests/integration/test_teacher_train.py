@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_cli import component_weights, run_train_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,18 +18,10 @@ def dataset(train_dataset):
 
 
 def _teacher(run_dir, data, *overrides, module=False, check=True):
-    cmd = [sys.executable, "-m", "train.teacher"] if module else [sys.executable, "train/teacher.py"]
     args = [f"train.run_dir={run_dir}", f"export_dir={run_dir}/model", f"data.path={data}", "data.generate_clips=0",
             "train.tracker=none", "train.log_every=1", "sample_steps=2", "vae.batch_size=4", "stage1.batch_size=4",
             "stage2.batch_size=2", "stage2.num_frames=4", "data.strides=[1]", *overrides]
-    r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=900)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def _weights(model_dir, comp="denoising_unet"):
-    return load_file(str(Path(model_dir) / comp / "diffusion_pytorch_model.safetensors"))
+    return run_train_script("teacher", args, module=module, check=check)
 
 
 def test_vae_and_stage2_run_end_to_end_by_path(tmp_path, dataset):
@@ -65,16 +56,16 @@ def test_stage1_runs_as_module_and_rotates(tmp_path, dataset):
 def test_two_steps_resume_two_steps_equals_four(tmp_path, dataset):
     common = ("stages=[stage1]", "train.checkpoint_every=2", "train.lr_warmup_steps=0")
     _teacher(tmp_path / "a", dataset, *common, "stage1.max_steps=2")
-    first = _weights(tmp_path / "a" / "model")
+    first = component_weights(tmp_path / "a" / "model")
     _teacher(tmp_path / "a", dataset, *common, "stage1.max_steps=4")  # same command, longer: resumes at step 2
     _teacher(tmp_path / "b", dataset, *common, "stage1.max_steps=4")
-    a, b = _weights(tmp_path / "a" / "model"), _weights(tmp_path / "b" / "model")
+    a, b = component_weights(tmp_path / "a" / "model"), component_weights(tmp_path / "b" / "model")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert any(not torch.equal(first[k], a[k]) for k in a)  # it really trained on after resuming
     for comp in ("reference_unet", "pose_guider"):
-        ra, rb = _weights(tmp_path / "a" / "model", comp), _weights(tmp_path / "b" / "model", comp)
+        ra, rb = component_weights(tmp_path / "a" / "model", comp), component_weights(tmp_path / "b" / "model", comp)
         assert all(torch.equal(ra[k], rb[k]) for k in ra)
 
 
