@@ -40,6 +40,7 @@ from portrait import config as config_lib
 from portrait import training as T
 from portrait.data.dataset import ClipDataset
 from portrait.models.bundle import ModelConfig, Pose2VideoModel, count_parameters
+from portrait.models.unets import motion_modules_are_identity, reset_motion_modules
 from portrait.objectives import TeacherDiffusionLoss, VAELoss, to_unit
 
 STAGES = ("vae", "stage1", "stage2")
@@ -121,6 +122,12 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
         model = Pose2VideoModel.from_pretrained(init)
     else:
         model = Pose2VideoModel.from_config(config_lib.load(ModelConfig, cfg.model), seed=train.seed)
+    if stage == "stage1" and not motion_modules_are_identity(model.denoising_unet):
+        # Stage 1 trains the spatial layers with the motion modules at their zero-initialised identity. A finished
+        # teacher (init_from) has trained ones, which would make stage 1 learn through a 1-frame temporal attention
+        # it was never meant to see; re-initialise them, and let stage 2 train them afresh on the new spatial layers.
+        n = reset_motion_modules(model.denoising_unet, seed=train.seed)
+        T.logger.info(f"[stage1] {init} has trained motion modules: re-initialised {n} of them to identity (stage 2 retrains them)")
     model.to(accelerator.device)
     params = trainable_parameters(model, stage)
     model.train()

@@ -166,18 +166,22 @@ def landmark_flow_prior(lmk_t: torch.Tensor, lmk0: torch.Tensor, lmk1: torch.Ten
         size: ``(H, W)``.
     """
     h, w = size
-    b = lmk_t.shape[0]
-    dev, dt = lmk_t.device, torch.float32
-    grid = _base_grid(h, w, dev, dt)[0].flatten(1).T + 0.5  # (HW, 2) pixel centres, corner convention
+    dt = lmk_t.dtype if lmk_t.dtype in (torch.float32, torch.float64) else torch.float32
     pts = lmk_t.to(dt)
-    d2 = (grid[None, :, None, :] - pts[:, None, :, :]).pow(2).sum(-1)  # (B, HW, 68)
-    wgt = torch.exp(-d2 / (2 * (sigma * h) ** 2))
-    total = wgt.sum(-1, keepdim=True)  # (B, HW, 1)
+    # The isotropic Gaussian is separable, exp(-(dx^2 + dy^2) / 2s^2) = exp(-dx^2 / 2s^2) exp(-dy^2 / 2s^2), so the
+    # (pixels x 68) weight matrix is the product of a (rows x 68) and a (cols x 68) factor and every sum over the
+    # points is a batched matmul: the dense form's numbers at 1/6 of its time (15 frames at 16x16: 6.8 -> 1.1 ms, 1 thread).
+    inv = 1.0 / (2 * (sigma * h) ** 2)
+    xs = torch.arange(w, device=pts.device, dtype=dt) + 0.5  # pixel centres, corner convention
+    ys = torch.arange(h, device=pts.device, dtype=dt) + 0.5
+    ex = torch.exp(-(xs[None, :, None] - pts[:, None, :, 0]).pow(2) * inv)  # (B, W, 68)
+    ey = torch.exp(-(ys[None, :, None] - pts[:, None, :, 1]).pow(2) * inv)  # (B, H, 68)
     disp = torch.cat([lmk0.to(dt) - pts, lmk1.to(dt) - pts], -1)  # (B, 68, 4)
-    flow = (wgt @ disp) / total.clamp(min=1e-6)
-    conf = 1 - torch.exp(-total)
-    out = torch.cat([flow * (total > 1e-6), conf], -1)  # (B, HW, 5)
-    return out.transpose(1, 2).reshape(b, 5, h, w)
+    total = ey @ ex.transpose(1, 2)  # (B, H, W): sum of the weights
+    weighted = (ey[:, None] * disp.transpose(1, 2)[:, :, None, :]) @ ex.transpose(1, 2)[:, None]  # (B, 4, H, W)
+    t = total[:, None]
+    flow = weighted / t.clamp(min=1e-6) * (t > 1e-6)
+    return torch.cat([flow, 1 - torch.exp(-t)], 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -78,12 +78,46 @@ def build_denoising_unet(sd_config: dict[str, Any], motion: dict[str, Any] | Non
     unet = UNetMotionModel(**cfg)
     # AnimateDiff / AniPortrait zero-initialise each motion module's proj_out (zero_initialize_proj_out: true),
     # so a fresh motion UNet is exactly its spatial UNet and stage 2 starts from stage 1's model.
-    with torch.no_grad():
-        for name, module in unet.named_modules():
-            if ".motion_modules." in f".{name}" and name.split(".")[-1].isdigit() and hasattr(module, "proj_out"):
-                module.proj_out.weight.zero_()
-                module.proj_out.bias.zero_()
+    for module in motion_modules(unet):
+        _zero_proj_out(module)
     return unet
+
+
+def motion_modules(unet: UNetMotionModel) -> list[torch.nn.Module]:
+    """The temporal transformers (``*.motion_modules.N``) of a motion UNet, in module order."""
+    return [m for n, m in unet.named_modules()
+            if ".motion_modules." in f".{n}" and n.split(".")[-1].isdigit() and hasattr(m, "proj_out")]
+
+
+@torch.no_grad()
+def _zero_proj_out(module: torch.nn.Module) -> None:
+    module.proj_out.weight.zero_()
+    module.proj_out.bias.zero_()
+
+
+def motion_modules_are_identity(unet: UNetMotionModel) -> bool:
+    """True when every motion module's zero-initialised ``proj_out`` is still zero, i.e. the motion UNet computes
+    exactly its spatial UNet (the state stage 1 trains in)."""
+    return all(not m.proj_out.weight.any() and not m.proj_out.bias.any() for m in motion_modules(unet))
+
+
+@torch.no_grad()
+def reset_motion_modules(unet: UNetMotionModel, seed: int = 0) -> int:
+    """Re-initialise every motion module as a fresh ``build_denoising_unet`` would (default inits drawn from
+    ``seed``, ``proj_out`` zeroed), leaving the spatial layers untouched. Returns the number of modules reset.
+
+    Used to continue stage 1 from a finished teacher: stage 1 trains the spatial layers with the motion modules at
+    identity, and stage 2 then trains the motion modules afresh on the new spatial layers.
+    """
+    mods = motion_modules(unet)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for mod in mods:
+            for sub in mod.modules():
+                if sub is not mod and hasattr(sub, "reset_parameters"):
+                    sub.reset_parameters()
+            _zero_proj_out(mod)
+    return len(mods)
 
 
 def build_vae(cfg: dict[str, Any]) -> AutoencoderKL:

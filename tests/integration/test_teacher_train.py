@@ -81,3 +81,19 @@ def test_nan_loss_stops_clearly_and_keeps_last_good_checkpoint(tmp_path, dataset
     for ck in ckdir.iterdir():  # every checkpoint on disk holds finite weights
         assert (ck / "COMPLETE").is_file()
         assert all(torch.isfinite(v).all() for v in load_file(str(ck / "model.safetensors")).values() if v.is_floating_point())
+
+
+def test_stage1_from_a_finished_teacher_resets_its_motion_modules(tmp_path, dataset, tiny_model_dir):
+    # continuing stage 1 from a teacher whose motion modules stage 2 trained: they go back to identity
+    from portrait.models import Pose2VideoModel
+    from portrait.models.unets import motion_modules, motion_modules_are_identity
+
+    trained = Pose2VideoModel.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for m in motion_modules(trained.denoising_unet):
+            m.proj_out.weight.normal_(0, 0.05)
+    trained.save_pretrained(tmp_path / "init")
+    r = _teacher(tmp_path / "run", dataset, "stages=[stage1]", "stage1.max_steps=1", f"init_from={tmp_path / 'init'}")
+    assert "re-initialised" in r.stdout + r.stderr
+    out = Pose2VideoModel.from_pretrained(tmp_path / "run" / "model")
+    assert motion_modules_are_identity(out.denoising_unet)

@@ -135,6 +135,29 @@ def test_flow_prior_and_landmark_consistency():
     assert float(landmark_consistency(torch.zeros_like(flow), lt, l0, l1)) > 0.01
 
 
+def _dense_prior(lmk_t, lmk0, lmk1, size, sigma):
+    """The prior's definition written out densely: (pixels x 68) Gaussian weights, Nadaraya-Watson average."""
+    h, w = size
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    grid = torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5
+    d2 = (grid[None, :, None] - lmk_t.double()[:, None]).pow(2).sum(-1)
+    wgt = torch.exp(-d2 / (2 * (sigma * h) ** 2))
+    total = wgt.sum(-1, keepdim=True)
+    disp = torch.cat([lmk0 - lmk_t, lmk1 - lmk_t], -1).double()
+    flow = (wgt @ disp) / total.clamp(min=1e-6) * (total > 1e-6)
+    return torch.cat([flow, 1 - torch.exp(-total)], -1).transpose(1, 2).reshape(-1, 5, h, w)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (24, 32)])
+def test_separable_prior_equals_the_dense_definition(size):
+    g = torch.Generator().manual_seed(0)
+    lt = torch.rand(3, 68, 2, generator=g) * torch.tensor([size[1], size[0]])
+    l0, l1 = lt + torch.randn(3, 68, 2, generator=g), lt + torch.randn(3, 68, 2, generator=g)
+    ref = _dense_prior(lt, l0, l1, size, 0.06)
+    torch.testing.assert_close(landmark_flow_prior(lt, l0, l1, size, 0.06).double(), ref, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(landmark_flow_prior(lt.double(), l0.double(), l1.double(), size, 0.06), ref, atol=1e-9, rtol=1e-9)
+
+
 def test_mirror_permutation_is_an_involution_and_flips_eyes():
     assert np.array_equal(MIRROR_68[MIRROR_68], np.arange(68))
     lmk = torch.from_numpy(_face_landmarks(1)).float()

@@ -26,3 +26,16 @@ def test_fp_accelerate_args_are_passed_to_the_launcher():
     r = _launch("teacher", FP_ACCELERATE_ARGS="--machine_rank 0 --no_such_launcher_flag")
     assert r.returncode != 0
     assert "--no_such_launcher_flag" in r.stderr
+
+
+def test_ddp_2cpu_config_starts_two_gloo_processes(tmp_path):
+    # configs/accelerate/ddp_2cpu.yaml once said MULTI_CPU + use_cpu: true, which accelerate runs as ONE process:
+    # FP_ACCELERATE=ddp_2cpu silently trained single-process. Launch it exactly as launch.sh does.
+    script = tmp_path / "world.py"
+    script.write_text("from accelerate import Accelerator\ns = Accelerator().state\n"  # as portrait.training does
+                      "print(f'rank {s.process_index} of {s.num_processes} backend {s.backend}', flush=True)\n")
+    r = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/ddp_2cpu.yaml"), str(script)],
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("rank "))
+    assert lines == ["rank 0 of 2 backend gloo", "rank 1 of 2 backend gloo"], r.stdout

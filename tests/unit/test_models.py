@@ -275,3 +275,31 @@ def test_default_scheduler_reproduces_aniportrait_timesteps():
     sched = DDIMScheduler(**TEACHER_SCHEDULER)
     sched.set_timesteps(25)
     assert sched.timesteps.tolist() == json.loads(fixtures.read_text())["ddim_timesteps_25_steps"]
+
+
+def test_reset_motion_modules_restores_identity_and_keeps_spatial_layers(tiny_model):
+    from portrait.models.unets import motion_modules, motion_modules_are_identity, reset_motion_modules
+
+    model = copy.deepcopy(tiny_model)
+    unet = model.denoising_unet
+    assert motion_modules_are_identity(unet)  # a fresh model: stage 1's state
+    x, enc, bank, feats = _inputs(model)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        before = model.denoise(x, t, enc, feats, bank)
+        for m in motion_modules(unet):  # what stage 2 does to them
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        trained = model.denoise(x, t, enc, feats, bank)
+    assert not motion_modules_are_identity(unet) and not torch.allclose(before, trained, atol=1e-4)
+    spatial = {k: v.clone() for k, v in unet.state_dict().items() if "motion_modules" not in k}
+    assert reset_motion_modules(unet, seed=3) == len(motion_modules(unet)) > 0
+    assert motion_modules_are_identity(unet)
+    with torch.no_grad():
+        after = model.denoise(x, t, enc, feats, bank)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)  # identity again: the spatial UNet's output
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in spatial.items())
+    # the inner weights are re-drawn (not left as stage 2 trained them), deterministically by seed
+    inner = {k: v.clone() for k, v in unet.state_dict().items() if "motion_modules" in k and "proj_in.weight" in k}
+    reset_motion_modules(unet, seed=3)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in inner.items())
