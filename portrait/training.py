@@ -54,6 +54,9 @@ class DataConfig:
     strides: list[int] = field(default_factory=lambda: [1, 2])
     reference: str = "random"
     num_workers: int = 0
+    # More dataset folders whose *train* split is appended to the training set (e.g. synthetic clips of another seed,
+    # or ingested real videos). Validation and evaluation always use ``path``'s splits; see ``train_split``.
+    extra_train: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -441,6 +444,49 @@ def ensure_dataset(data: DataConfig, accelerator: Accelerator) -> Path:
             generate_dataset(path, data.generate_clips, size=data.size, num_frames=data.clip_frames, seed=data.seed, progress=True)
         accelerator.wait_for_everyone()
     return path
+
+
+def train_split(data: DataConfig, path: Path):
+    """The training clips: ``path``'s train split, or, with ``data.extra_train``, that split followed by the train
+    splits of the extra folders (a ``datasets.Dataset``; ``ClipDataset`` takes either).
+
+    Raises ``ValueError`` when the folders do not share frame size and clip length, or when an identity of an extra
+    folder is also in another folder (the same folder twice, or the same synthetic seed): an identity of ``path``'s
+    val/test splits inside the training set would leak the held-out identities into training.
+    """
+    if not data.extra_train:
+        return path
+    import datasets
+    import numpy as np
+
+    from portrait.data.dataset import check_features, load_split
+
+    def ids(ds) -> set[int]:
+        return set(np.asarray(ds.with_format("arrow").select_columns(["identity"])[:]["identity"].to_numpy()).tolist())
+
+    base = load_split(path, "train")
+    shape = check_features(base.features, where=f"{path}[train]")
+    parts, seen = [base], {str(path): ids(base)}
+    for split in ("val", "test"):
+        try:
+            seen[f"{path}[{split}]"] = ids(load_split(path, split))
+        except KeyError:
+            pass
+    for extra in data.extra_train:
+        ds = load_split(extra, "train")
+        other = check_features(ds.features, where=f"{extra}[train]")
+        if other != shape:
+            raise ValueError(f"data.extra_train {extra}: clips of {other} (frames, height, width), but {path} has {shape}")
+        mine = ids(ds)
+        for name, known in seen.items():
+            clash = mine & known
+            if clash:
+                raise ValueError(f"data.extra_train {extra}: {len(clash)} of its train identities are also in {name} "
+                                 "(the same folder twice, or generated with the same seed); use a folder of other identities, "
+                                 "e.g. `python -m portrait.data.synthetic --seed 1`")
+        seen[str(extra)] = mine
+        parts.append(ds)
+    return datasets.concatenate_datasets(parts)
 
 
 def write_run_config(run_dir: Path, cfg, accelerator: Accelerator) -> None:

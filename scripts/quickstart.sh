@@ -11,6 +11,8 @@
 #   QS_TEACHER                 an existing teacher model folder to use instead of training one
 #                              [runs/teacher/tiny/model if it exists, else the shipped portrait/assets/tiny_teacher,
 #                               else a short teacher is trained]
+#   QS_INTERP                  an interpolator folder to use [the shipped portrait/assets/tiny_interpolator, else a
+#                              short one is trained]
 #   QS_THREADS [all cores]     torch threads per job
 #   QS_DRY_RUN [0]             1: print the stage commands without running them
 set -euo pipefail
@@ -76,17 +78,24 @@ elif have_script prune; then
 fi
 
 # 5. interpolator -------------------------------------------------------------------------------------------
-INTERP="$RUN/interpolator/model"
-stage 5/6 "keyframe interpolator -> $INTERP"
-if [[ -d "$INTERP" ]]; then echo "reusing $INTERP"
-elif have_script interpolator; then
-  run python train/interpolator.py --config configs/interpolator/tiny.yaml vae_model="$TEACHER" export_dir="$INTERP" \
-    train.run_dir="$RUN/interpolator" train.max_steps=150 train.checkpoint_every=50 train.tracker=none train.threads="$THREADS"
+INTERP="${QS_INTERP:-}"
+if [[ -z "$INTERP" && -f portrait/assets/tiny_interpolator/config.json ]]; then INTERP=portrait/assets/tiny_interpolator; fi
+if [[ -n "$INTERP" ]]; then
+  stage 5/6 "keyframe interpolator: using $INTERP"
+  [[ -f "$INTERP/config.json" ]] || { echo "error: QS_INTERP=$INTERP is not an interpolator folder" >&2; exit 2; }
+else
+  INTERP="$RUN/interpolator/model"
+  stage 5/6 "keyframe interpolator: a SHORT run -> $INTERP (bash launch.sh interpolator trains the real one)"
+  if [[ -d "$INTERP" ]]; then echo "reusing $INTERP"
+  elif have_script interpolator; then
+    run python train/interpolator.py --config configs/interpolator/tiny.yaml vae_model="$TEACHER" export_dir="$INTERP" \
+      train.run_dir="$RUN/interpolator" train.max_steps=150 train.checkpoint_every=50 train.tracker=none train.threads="$THREADS"
+  fi
 fi
 
 # 6. benchmark ----------------------------------------------------------------------------------------------
 stage 6/6 "end-to-end benchmark -> runs/bench/quickstart"
-run python -m infer.benchmark --config configs/bench/quickstart.yaml teacher="$TEACHER" models="$RUN" threads="$THREADS"
+run python -m infer.benchmark --config configs/bench/quickstart.yaml teacher="$TEACHER" models="$RUN" interpolator="$INTERP" threads="$THREADS"
 printf '\nquickstart finished in %ds\n' "$(( $(date +%s) - T0 ))"
 echo "table:        runs/bench/quickstart/report.md"
 echo "plot:         runs/bench/quickstart/pareto.png"

@@ -135,7 +135,7 @@ def main(cfg: DistillConfig) -> Path:
     # 3. data -------------------------------------------------------------------------------------
     data_path = T.ensure_dataset(cfg.data, accelerator)
     try:
-        dataset = ClipDataset(data_path, "train", num_frames=cfg.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
+        dataset = ClipDataset(T.train_split(cfg.data, data_path), "train", num_frames=cfg.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
     except ValueError as e:  # e.g. num_frames longer than the clips
         raise config_lib.ConfigError(f"dataset {data_path} cannot serve num_frames={cfg.num_frames}, data.strides={cfg.data.strides}: {e}") from None
     if dataset.height != student.config.resolution:

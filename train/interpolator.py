@@ -169,7 +169,7 @@ def main(cfg: InterpolatorTrainConfig) -> Path:
                       f"{accelerator.num_processes} proc x {micro} x {train.grad_accum_steps} accum; keyframes: {cfg.keyframe_source}")
         # 3. data ---------------------------------------------------------------------------------
         data_path = T.ensure_dataset(cfg.data, accelerator)
-        dataset = ClipDataset(data_path, "train", num_frames=max(cfg.gaps) + 1, strides=cfg.data.strides, reference="first", seed=cfg.data.seed)
+        dataset = ClipDataset(T.train_split(cfg.data, data_path), "train", num_frames=max(cfg.gaps) + 1, strides=cfg.data.strides, reference="first", seed=cfg.data.seed)
         plan = T.GlobalBatchPlan(len(dataset), train.batch_size, micro, train.seed)
         # 4. optimiser / EMA ----------------------------------------------------------------------
         params = [p for p in net.parameters() if p.requires_grad]

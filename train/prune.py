@@ -164,7 +164,7 @@ def run_round(cfg: PruneConfig, k: int, init: Path, accelerator) -> Path:
     micro = T.per_process_batch(train, accelerator.num_processes)
     manager = T.CheckpointManager(round_dir, train.keep_checkpoints)
     data_path = T.ensure_dataset(cfg.data, accelerator)
-    dataset = ClipDataset(data_path, "train", num_frames=cfg.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
+    dataset = ClipDataset(T.train_split(cfg.data, data_path), "train", num_frames=cfg.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
     # 2. models: the pruned bundle (trained) and the frozen unpruned source UNet (outside the engine) ---------------
     model, report = prune_round(cfg, k, init, dataset, accelerator)
     if dataset.height != model.config.resolution:

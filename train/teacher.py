@@ -139,7 +139,7 @@ def run_stage(cfg: TeacherConfig, stage: str, init: str | None, accelerator) -> 
                   f"global batch {train.batch_size} = {accelerator.num_processes} proc x {micro} x {train.grad_accum_steps} accum")
     # 3. data -------------------------------------------------------------------------------------
     data_path = T.ensure_dataset(cfg.data, accelerator)
-    dataset = ClipDataset(data_path, "train", num_frames=sc.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
+    dataset = ClipDataset(T.train_split(cfg.data, data_path), "train", num_frames=sc.num_frames, strides=cfg.data.strides, reference=cfg.data.reference, seed=cfg.data.seed)
     plan = T.GlobalBatchPlan(len(dataset), train.batch_size, micro, train.seed)
     if stage != "vae":
         probe_batch = T.load_items(dataset, plan.items(0, 0, 0, 1)[:1])

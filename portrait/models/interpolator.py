@@ -12,7 +12,8 @@ fusion mask M, images backward-warped with ``grid_sample``, output = M * warp(I0
 * ``len(widths)`` IFBlocks at input scales ``scales`` (e.g. 1/4, 1/2, 1/1). Block i sees both keyframes, both
   keyframes warped by the current flows, the current flows / mask, and the time ``t`` as a constant input channel,
   all resized to its scale; it downsamples 4x internally (two stride-2 convs), runs ``depth`` 3x3 convs with PReLU,
-  and predicts residuals of the 4 flow channels and the mask logit (upsampled back, flows rescaled).
+  and predicts residuals of the 4 flow channels and the mask logit. The residuals are summed on one coarse grid
+  (the finest block's internal resolution) and upsampled to the frame once, for the final fusion.
 * **Landmark conditioning.** Every block also reads the rendered pose images of both keyframes and of the target
   frame, both keyframe pose images warped by the current flows (their mismatch to the target pose image is a direct
   flow-error signal), and an optional *sparse landmark-displacement flow prior* (the displacements of the 68
@@ -33,7 +34,7 @@ under 10 GMAC at 512x512; ``tiny`` for 64x64 on a CPU.
 Save / load a folder (``save_pretrained`` / ``from_pretrained``)::
 
     INTERP_DIR/
-      config.json          {"format": "fastportrait.interpolator", "format_version": 1, "config": {...}, "metadata": {...}}
+      config.json          {"format": "fastportrait.interpolator", "format_version": 2, "config": {...}, "metadata": {...}}
       model.safetensors
       README.md            model card
 
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMAT = "fastportrait.interpolator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: flows accumulated on a coarse grid (version 1 accumulated them at full resolution)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
@@ -105,6 +106,19 @@ def _base_grid(h: int, w: int, device, dtype) -> torch.Tensor:
     return _GRID_CACHE[key]
 
 
+def _sampling_grid(h: int, w: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grid_sample``'s coordinates of the pixel centres ``(1, H, W, 2)`` and the pixel -> grid scale ``(2,)``.
+
+    align_corners=True maps pixel centre 0 -> -1 and W-1 -> +1, so integer positions sample exactly."""
+    key = ("sampling", h, w, str(device), dtype)
+    if key not in _GRID_CACHE:
+        scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=device, dtype=dtype)
+        base = _base_grid(h, w, device, dtype)[0].permute(1, 2, 0) * scale - 1.0
+        _GRID_CACHE.clear() if len(_GRID_CACHE) > 16 else None
+        _GRID_CACHE[key] = (base[None].contiguous(), scale)
+    return _GRID_CACHE[key]
+
+
 def backward_warp(img: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Sample ``img`` at ``p + flow(p)`` for every output pixel p (backward warping).
 
@@ -114,12 +128,9 @@ def backward_warp(img: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B, C, H, W)``; border padding outside the frame. Zero flow returns ``img`` exactly.
     """
-    b, _, h, w = flow.shape
-    pos = _base_grid(h, w, flow.device, flow.dtype) + flow
-    # align_corners=True maps pixel centre 0 -> -1 and W-1 -> +1, so integer positions sample exactly.
-    gx = pos[:, 0] * (2.0 / max(w - 1, 1)) - 1.0
-    gy = pos[:, 1] * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.stack([gx, gy], -1)
+    _, _, h, w = flow.shape
+    base, scale = _sampling_grid(h, w, flow.device, flow.dtype)
+    grid = torch.addcmul(base, flow.permute(0, 2, 3, 1), scale)  # the normalised grid plus the scaled flow, one op
     return F.grid_sample(img, grid.to(img.dtype), mode="bilinear", padding_mode="border", align_corners=True)
 
 
@@ -280,61 +291,67 @@ class FrameInterpolator(nn.Module):
                              "(or use_landmarks=False)")
         img0p, img1p = pad(img0), pad(img1)
         h, w = img0p.shape[-2:]
+        # The flows, the mask logit and the RGB residual live on one coarse grid, the finest block's internal
+        # resolution (1/(4 min(scales)) of the frame): each block's output is resized onto it and added, each block
+        # reads the sums resized to its own input scale, and only the final fusion upsamples to the frame. Flows and
+        # masks are smooth, and per-block full-resolution bookkeeping cost more than the network at 64 px.
+        a = 4 * min(cfg.scales)
+        ha, wa = h // a, w // a
         prior = None
         if on is not None:
             poses = [pad(p.to(img0.dtype)) for p in (pose0, pose1, pose_t)]
             if cfg.flow_prior:
                 if lmk0 is not None and lmk1 is not None and lmk_t is not None:
-                    # Splatted at 1/4 resolution and upsampled: the prior is smooth at sigma ~ 6 % of the frame, and
-                    # the (pixels x 68) Gaussian weights at full resolution cost more than the network.
-                    ps = 4 if min(h, w) >= 32 else 1
-                    lmk_s = [pts / ps for pts in (lmk_t, lmk0, lmk1)]
-                    prior = landmark_flow_prior(*lmk_s, (h // ps, w // ps), cfg.prior_sigma).to(img0.dtype)
-                    if ps > 1:
-                        prior = F.interpolate(prior, size=(h, w), mode="bilinear", align_corners=False)
-                        prior = torch.cat([prior[:, :4] * ps, prior[:, 4:]], 1)
+                    # splatted directly on the coarse grid (the prior is smooth at sigma ~ 6 % of the frame), in
+                    # coarse-grid pixels, then rescaled to frame pixels
+                    lmk_s = [pts / a for pts in (lmk_t, lmk0, lmk1)]
+                    prior = landmark_flow_prior(*lmk_s, (ha, wa), cfg.prior_sigma).to(img0.dtype)
+                    prior = torch.cat([prior[:, :4] * a, prior[:, 4:]], 1)
                     prior = prior * on.view(b, 1, 1, 1)
                     if prior_keep is not None:
                         prior = prior * prior_keep.to(prior).view(b, 1, 1, 1)
                 else:
-                    prior = img0p.new_zeros(b, PRIOR_CHANNELS, h, w)
-        flow_raw = img0p.new_zeros(b, 4, h, w)  # f0, f1 (the t-free part of the flows)
-        logit = img0p.new_zeros(b, 1, h, w)
+                    prior = img0p.new_zeros(b, PRIOR_CHANNELS, ha, wa)
+        flow_raw = img0p.new_zeros(b, 4, ha, wa)  # f0, f1 (the t-free part of the flows), frame pixels
+        logit = img0p.new_zeros(b, 1, ha, wa)
         rgb = None
-        pooled: dict[int, tuple] = {}  # scale -> inputs that do not change between blocks, box-filtered once
+        pooled: dict[int, tuple] = {}  # scale -> inputs that do not change between blocks, resized once
         for block, s in zip(self.blocks, cfg.scales):
+            hs, ws = h // s, w // s
             if s not in pooled:
                 stat_lmk = None
                 if on is not None:
-                    stat = poses + ([prior[:, :4] / max(h, w) * 8, prior[:, 4:]] if prior is not None else [])
-                    stat_lmk = _resize(torch.cat(stat, 1), s)
-                pooled[s] = (_resize(img0p, s), _resize(img1p, s), stat_lmk)
-            i0, i1, stat_lmk = pooled[s]
-            hs, ws = i0.shape[-2:]
-            # Warping happens at the block's own resolution (flows box-filtered and rescaled to its pixels): the
-            # coarse blocks then cost 1/s^2 of a full-resolution warp.
-            flow = _resize(self._flows(flow_raw, prior, t), s) / s
-            mask = torch.sigmoid(_resize(logit, s))
-            x = torch.cat([i0, i1, backward_warp(i0, flow[:, :2]), backward_warp(i1, flow[:, 2:]),
-                           flow / max(hs, ws) * 8, mask, t.expand(b, 1, hs, ws)], 1)
+                    stat = [_resize(torch.cat(poses, 1), s)]
+                    if prior is not None:
+                        pr = _to_size(prior, (hs, ws))
+                        stat += [pr[:, :4] / max(h, w) * 8, pr[:, 4:]]
+                    stat_lmk = torch.cat(stat, 1)
+                i0, i1 = _resize(img0p, s), _resize(img1p, s)
+                # each keyframe is warped together with its pose image (one grid_sample per keyframe and block)
+                src0 = i0 if stat_lmk is None else torch.cat([i0, stat_lmk[:, 0:3]], 1)
+                src1 = i1 if stat_lmk is None else torch.cat([i1, stat_lmk[:, 3:6]], 1)
+                pooled[s] = (torch.cat([i0, i1], 1), src0, src1, stat_lmk)
+            both, src0, src1, stat_lmk = pooled[s]
+            flow = _to_size(self._flows(flow_raw, prior, t), (hs, ws)) / s  # in pixels of this scale
+            mask = torch.sigmoid(_to_size(logit, (hs, ws)))
+            warped0, warped1 = backward_warp(src0, flow[:, :2]), backward_warp(src1, flow[:, 2:])
+            x = torch.cat([both, warped0[:, :3], warped1[:, :3], flow / max(hs, ws) * 8, mask, t.expand(b, 1, hs, ws)], 1)
             lmk_in = None
             if on is not None:
-                p0, p1 = stat_lmk[:, 0:3], stat_lmk[:, 3:6]
-                lmk_in = torch.cat([stat_lmk[:, :9], backward_warp(p0, flow[:, :2]), backward_warp(p1, flow[:, 2:]),
-                                    stat_lmk[:, 9:]], 1) * on.view(b, 1, 1, 1)
-            out = block(x, lmk_in)
-            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+                lmk_in = torch.cat([stat_lmk[:, :9], warped0[:, 3:], warped1[:, 3:], stat_lmk[:, 9:]], 1) * on.view(b, 1, 1, 1)
+            out = _to_size(block(x, lmk_in), (ha, wa))
             flow_raw = flow_raw + out[:, :4] * (max(h, w) / 8)  # predicted in units of 1/8 of the frame
             logit = logit + out[:, 4:5]
             if out.shape[1] > 5:
                 rgb = out[:, 5:8]
-        flow = self._flows(flow_raw, prior, t)
-        mask = torch.sigmoid(logit)
+        final = [self._flows(flow_raw, prior, t), logit] + ([rgb] if rgb is not None else [])
+        final = _to_size(torch.cat(final, 1), (h, w))  # one upsample of everything to the frame
+        flow, mask = final[:, :4], torch.sigmoid(final[:, 4:5])
         frame = fuse(img0p, img1p, flow, mask, t)
         if rgb is not None:
             # The residual corrects what warping cannot (disocclusions, the inside of an opening mouth), scaled by
             # t (1 - t) so the keyframes stay exact.
-            frame = frame + 4 * t * (1 - t) * torch.tanh(rgb)
+            frame = frame + 4 * t * (1 - t) * torch.tanh(final[:, 5:8])
         frame = frame.clamp(0, 1)
         crop = (slice(None), slice(None), slice(0, h0), slice(0, w0))
         return {"frame": frame[crop], "flow": flow[crop], "mask": mask[crop], "prior": None if prior is None else prior[crop]}
@@ -400,6 +417,10 @@ class FrameInterpolator(nn.Module):
             raise InterpolatorFolderError(f"{path} is not an interpolator folder ({CONFIG_FILE} format != {FORMAT!r}); {hint}")
         if info.get("format_version", 0) > FORMAT_VERSION:
             raise InterpolatorFolderError(f"{path} has interpolator format {info['format_version']}, newer than this code; upgrade fastportrait")
+        if info.get("format_version", 0) < FORMAT_VERSION:
+            raise InterpolatorFolderError(f"{path} has interpolator format {info.get('format_version')}, whose network accumulated its "
+                                          f"flows at full resolution; this code reads format {FORMAT_VERSION}: retrain it ({hint}), "
+                                          "or read it with fastportrait at commit fd672f1")
         try:
             cfg = InterpolatorConfig(**info["config"])
             net = cls(cfg, metadata=info.get("metadata"))
@@ -413,6 +434,17 @@ class FrameInterpolator(nn.Module):
 def _resize(x: torch.Tensor, s: int) -> torch.Tensor:
     """Box-filter downsampling by ``s`` (area average; cheaper than antialiased bilinear, same purpose)."""
     return x if s == 1 else F.avg_pool2d(x, s)
+
+
+def _to_size(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a smooth field (flows, logits, prior) ``(B, C, h, w)`` to ``size``: unchanged when equal, box filter
+    when shrinking by an integer factor, bilinear otherwise (values are not rescaled)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    if h % size[0] == 0 and w % size[1] == 0 and h // size[0] == w // size[1]:
+        return F.avg_pool2d(x, h // size[0])
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _is_interp_folder(path: Path) -> bool:

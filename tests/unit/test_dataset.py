@@ -207,3 +207,26 @@ def test_atomic_output_dir_cleans_up(tmp_path):
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_extra_train_folders_append_identities_and_refuse_leaks(ds_path, tmp_path):
+    from portrait.training import DataConfig, train_split
+
+    assert train_split(DataConfig(path=str(ds_path)), ds_path) == ds_path  # no extras: the folder itself
+    extra = tmp_path / "seed7"
+    generate_dataset(extra, num_clips=8, size=S, num_frames=F, clips_per_identity=2, seed=7, workers=1)
+    merged = train_split(DataConfig(path=str(ds_path), extra_train=[str(extra)]), ds_path)
+    base, more = load_split(ds_path, "train"), load_split(extra, "train")
+    assert len(merged) == len(base) + len(more)
+    ds = ClipDataset(merged, num_frames=2, reference="identity")
+    assert set(ds[len(ds) - 1]["identity"].reshape(-1).tolist()) <= set(more["identity"])
+    # the other clip of an extra identity comes from the same extra identity
+    last = len(ds) - 1
+    assert all(merged[int(o)]["identity"] == merged[last]["identity"] for o in ds.other_clips(last))
+    # the same seed again (here: the base folder itself) would train on identities it already has, or on its held-out ones
+    with pytest.raises(ValueError, match="also in"):
+        train_split(DataConfig(path=str(ds_path), extra_train=[str(ds_path)]), ds_path)
+    small = tmp_path / "small"
+    generate_dataset(small, num_clips=4, size=S // 2, num_frames=F, clips_per_identity=2, seed=8, workers=1)
+    with pytest.raises(ValueError, match="clips of"):
+        train_split(DataConfig(path=str(ds_path), extra_train=[str(small)]), ds_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,12 @@ def test_save_load_roundtrip_and_errors(tmp_path, tiny_model_dir):
     for k, v in net.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     net.save_pretrained(path)  # replacing an interpolator folder is fine
+    old = tmp_path / "old"
+    net.save_pretrained(old)
+    info = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**info, "format_version": 1}))  # flows accumulated at full resolution
+    with pytest.raises(InterpolatorFolderError, match="format 1.*retrain"):
+        FrameInterpolator.from_pretrained(old)
     with pytest.raises(InterpolatorFolderError, match="not found"):
         FrameInterpolator.from_pretrained(tmp_path / "missing")
     with pytest.raises(InterpolatorFolderError, match="Pose2Video model folder"):
