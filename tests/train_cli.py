@@ -27,3 +27,13 @@ def run_train_script(job: str, args: list[str], *, module: bool = False, check: 
 def component_weights(model_dir, comp: str = "denoising_unet") -> dict:
     """The safetensors state dict of one component of an exported model folder."""
     return load_file(str(Path(model_dir) / comp / "diffusion_pytorch_model.safetensors"))
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on now, for ``accelerate launch --main_process_port``: the default 29500 can still be
+    held by the previous test's process group, which failed a launch once in a full-suite run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

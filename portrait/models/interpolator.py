@@ -20,7 +20,11 @@ fusion mask M, images backward-warped with ``grid_sample``, output = M * warp(I0
   points from the target frame to each keyframe, splatted with a Gaussian, plus its confidence). These enter
   through a separate ``landmark_in`` conv per block whose weights and bias start at zero, and the prior also
   enters the flows through a scalar gain that starts at zero. So at initialisation the model with landmarks on
-  equals the model with them off, and ``use_landmarks=False`` is the same network with that branch switched off.
+  equals the model with them off. ``use_landmarks=False`` zeroes the branch's inputs (pose images, warped pose
+  images, prior), which is exactly how training's per-sample landmark dropout presents an "off" sample, so the
+  landmark-blind mode is one the network was trained in (before 2026-12-07 it skipped the branch instead, a mode
+  training never saw: 0.11 dB worse on 256 held-out triplets, BENCHMARKS.md). ``InterpolatorConfig.use_landmarks=False``
+  builds a network without the branch at all.
 * **Exact keyframes.** The flows are parametrised as ``F_t->0 = t * f0 + g * prior_t->0`` and
   ``F_t->1 = (1 - t) * f1 + g * prior_t->1`` (a linear-motion parametrisation, as in Super SloMo, Jiang et al.
   2018, eq. 4), the fusion weight as ``w0 = (1-t) m / ((1-t) m + t (1-m))`` with ``m = sigmoid(logit)``, and the
@@ -268,7 +272,8 @@ class FrameInterpolator(nn.Module):
             pose0, pose1, pose_t: rendered pose images ``(B, 3, H, W)`` in [0, 1] of the keyframes and the target.
             lmk0, lmk1, lmk_t: optional landmarks ``(B, 68, 2)`` in pixels of this resolution (the flow prior; its
                 channels are zero when absent, a case training covers by dropping the prior).
-            use_landmarks: False switches the landmark branch off (the landmark-blind interpolator); a ``(B,)``
+            use_landmarks: False zeroes the landmark branch's inputs (the landmark-blind interpolator; pose images may
+                then be omitted); a ``(B,)``
                 bool tensor switches it per sample (training-time landmark dropout).
             prior_keep: optional ``(B,)`` 0/1 per-sample switch of the flow prior alone (training-time prior dropout,
                 so the model also works from the pose images alone, e.g. for pose videos without landmarks).
@@ -286,6 +291,9 @@ class FrameInterpolator(nn.Module):
             return F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) and x is not None else x
 
         on = self._landmark_switch(use_landmarks, b, img0.device)
+        if on is not None and use_landmarks is False:
+            # landmark-blind: the branch sees zeros, as for a sample that training's landmark dropout switched off
+            pose0, pose1, pose_t = (img0.new_zeros(img0.shape) if p is None else p for p in (pose0, pose1, pose_t))
         if on is not None and (pose0 is None or pose1 is None or pose_t is None):
             raise ValueError("landmarks are on but pose images are missing: pass pose0, pose1 and pose_t "
                              "(or use_landmarks=False)")
@@ -315,30 +323,36 @@ class FrameInterpolator(nn.Module):
         flow_raw = img0p.new_zeros(b, 4, ha, wa)  # f0, f1 (the t-free part of the flows), frame pixels
         logit = img0p.new_zeros(b, 1, ha, wa)
         rgb = None
-        pooled: dict[int, tuple] = {}  # scale -> inputs that do not change between blocks, resized once
+        # Everything that does not change between blocks (keyframes, pose images, the prior) is stacked once and
+        # box-filtered coarse-to-fine from the next finer scale (avg_pool(x, 4) == avg_pool(avg_pool(x, 2), 2)), so
+        # each full-resolution tensor is read once per forward.
+        stacks = self._scale_stacks(img0p, img1p, poses if on is not None else None, cfg.scales)
+        # With use_landmarks=True `on` is all ones: multiplying by it changes nothing and cost ~10 % of a tiny forward
+        # (a full-resolution pass over 20 channels), so the gate is applied only for a per-sample switch or False.
+        gate = on.view(b, 1, 1, 1) if on is not None and use_landmarks is not True else None
         for block, s in zip(self.blocks, cfg.scales):
             hs, ws = h // s, w // s
-            if s not in pooled:
-                stat_lmk = None
-                if on is not None:
-                    stat = [_resize(torch.cat(poses, 1), s)]
-                    if prior is not None:
-                        pr = _to_size(prior, (hs, ws))
-                        stat += [pr[:, :4] / max(h, w) * 8, pr[:, 4:]]
-                    stat_lmk = torch.cat(stat, 1)
-                i0, i1 = _resize(img0p, s), _resize(img1p, s)
-                # each keyframe is warped together with its pose image (one grid_sample per keyframe and block)
-                src0 = i0 if stat_lmk is None else torch.cat([i0, stat_lmk[:, 0:3]], 1)
-                src1 = i1 if stat_lmk is None else torch.cat([i1, stat_lmk[:, 3:6]], 1)
-                pooled[s] = (torch.cat([i0, i1], 1), src0, src1, stat_lmk)
-            both, src0, src1, stat_lmk = pooled[s]
-            flow = _to_size(self._flows(flow_raw, prior, t), (hs, ws)) / s  # in pixels of this scale
+            st = stacks[s]  # (B, 6 [+ 9], hs, ws): img0, img1 [, pose0, pose1, pose_t]
+            i0, i1 = st[:, 0:3], st[:, 3:6]
+            flow = _to_size(self._flows(flow_raw, prior, t), (hs, ws)) * (1.0 / s)  # in pixels of this scale
             mask = torch.sigmoid(_to_size(logit, (hs, ws)))
-            warped0, warped1 = backward_warp(src0, flow[:, :2]), backward_warp(src1, flow[:, 2:])
-            x = torch.cat([both, warped0[:, :3], warped1[:, :3], flow / max(hs, ws) * 8, mask, t.expand(b, 1, hs, ws)], 1)
             lmk_in = None
-            if on is not None:
-                lmk_in = torch.cat([stat_lmk[:, :9], warped0[:, 3:], warped1[:, 3:], stat_lmk[:, 9:]], 1) * on.view(b, 1, 1, 1)
+            if on is None:
+                warped0, warped1 = backward_warp(i0, flow[:, :2]), backward_warp(i1, flow[:, 2:])
+                x = torch.cat([i0, i1, warped0, warped1, flow * (8.0 / max(hs, ws)), mask, t.expand(b, 1, hs, ws)], 1)
+            else:
+                # each keyframe is warped together with its pose image (one grid_sample per keyframe and block)
+                warped0 = backward_warp(torch.cat([i0, st[:, 6:9]], 1), flow[:, :2])
+                warped1 = backward_warp(torch.cat([i1, st[:, 9:12]], 1), flow[:, 2:])
+                x = torch.cat([i0, i1, warped0[:, :3], warped1[:, :3], flow * (8.0 / max(hs, ws)), mask,
+                               t.expand(b, 1, hs, ws)], 1)
+                parts = [st[:, 6:15], warped0[:, 3:], warped1[:, 3:]]
+                if prior is not None:
+                    pr = _to_size(prior, (hs, ws))
+                    parts += [pr[:, :4] * (8.0 / max(h, w)), pr[:, 4:]]
+                lmk_in = torch.cat(parts, 1)
+                if gate is not None:
+                    lmk_in = lmk_in * gate
             out = _to_size(block(x, lmk_in), (ha, wa))
             flow_raw = flow_raw + out[:, :4] * (max(h, w) / 8)  # predicted in units of 1/8 of the frame
             logit = logit + out[:, 4:5]
@@ -356,12 +370,24 @@ class FrameInterpolator(nn.Module):
         crop = (slice(None), slice(None), slice(0, h0), slice(0, w0))
         return {"frame": frame[crop], "flow": flow[crop], "mask": mask[crop], "prior": None if prior is None else prior[crop]}
 
+    @staticmethod
+    def _scale_stacks(img0: torch.Tensor, img1: torch.Tensor, poses: list[torch.Tensor] | None,
+                      scales: list[int]) -> dict[int, torch.Tensor]:
+        """``{scale: (B, 6 [+ 9], H/scale, W/scale)}``: both keyframes [and the three pose images], box-filtered,
+        each scale from the finest one already computed that divides it."""
+        out = {1: torch.cat([img0, img1] + (poses or []), 1)}
+        for s in sorted(set(scales)):
+            if s not in out:
+                src = max(k for k in out if s % k == 0)
+                out[s] = _resize(out[src], s // src)
+        return out
+
     def _landmark_switch(self, use_landmarks, b: int, device) -> torch.Tensor | None:
         if not self.config.use_landmarks:
             return None
         if isinstance(use_landmarks, torch.Tensor):
             return use_landmarks.to(device=device, dtype=torch.float32).view(b)
-        return torch.ones(b, device=device) if use_landmarks else None
+        return torch.ones(b, device=device) if use_landmarks else torch.zeros(b, device=device)
 
     def _flows(self, flow_raw: torch.Tensor, prior: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
         flow = torch.cat([t * flow_raw[:, :2], (1 - t) * flow_raw[:, 2:]], 1)

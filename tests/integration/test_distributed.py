@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_cli import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LR = 1e-4
@@ -53,10 +54,10 @@ def launcher(kind: str) -> tuple[list[str], dict]:
         return [sys.executable], env
     if kind == "ddp":
         return ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"], dict(env, ACCELERATE_USE_CPU="1")
+                "--dynamo_backend", "no", "--main_process_port", free_port()], dict(env, ACCELERATE_USE_CPU="1")
     if kind.startswith("zero"):
         # no ACCELERATE_USE_CPU here: it would silently turn the DeepSpeed config into plain MULTI_CPU DDP
-        return ["accelerate", "launch", "--config_file", f"configs/accelerate/deepspeed_{kind}.yaml"], env
+        return ["accelerate", "launch", "--config_file", f"configs/accelerate/deepspeed_{kind}.yaml", "--main_process_port", free_port()], env
     raise ValueError(kind)
 
 

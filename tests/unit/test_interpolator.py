@@ -121,6 +121,23 @@ def test_landmark_inputs_zero_init_on_equals_off():
     assert (on2 - off2).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["tiny", "base"])
+def test_per_sample_landmark_switch_equals_the_global_switch(arch):
+    # Training drops the landmarks per sample with a (B,) tensor; inference passes a bool and skips the gate. Both
+    # paths must agree sample by sample, for the tiny config and for base's deeper pyramid (scales 8/4/2).
+    net = _randomise(build_interpolator(arch, **({"widths": [16, 16, 16], "depth": 1} if arch == "base" else {})), scale=0.02).eval()
+    img0, img1, (p0, p1, pt), (l0, l1, lt) = _inputs(b=4, size=64)
+    t = torch.tensor([0.25, 0.5, 0.5, 0.75])
+    switch = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        mixed = net.interpolate(img0, img1, t, p0, p1, pt, l0, l1, lt, use_landmarks=switch)
+        on = net.interpolate(img0, img1, t, p0, p1, pt, l0, l1, lt, use_landmarks=True)
+        off = net.interpolate(img0, img1, t, p0, p1, pt, l0, l1, lt, use_landmarks=False)
+    torch.testing.assert_close(mixed[switch], on[switch], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[~switch], off[~switch], atol=1e-5, rtol=0)
+    assert (on - off).abs().max() > 1e-3  # the landmarks matter, so a gate that does nothing fails above
+
+
 def test_flow_prior_and_landmark_consistency():
     # target landmarks shifted by (+2, -1) px from keyframe 0: the prior near the face is the displacement back
     lt = torch.full((1, 68, 2), 16.0) + torch.randn(1, 68, 2)

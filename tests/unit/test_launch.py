@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from train_cli import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,8 +36,9 @@ def test_ddp_2cpu_config_starts_two_gloo_processes(tmp_path):
     script = tmp_path / "world.py"
     script.write_text("from accelerate import Accelerator\ns = Accelerator().state\n"  # as portrait.training does
                       "print(f'rank {s.process_index} of {s.num_processes} backend {s.backend}', flush=True)\n")
-    r = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/ddp_2cpu.yaml"), str(script)],
+    r = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/ddp_2cpu.yaml"),
+                        "--main_process_port", free_port(), str(script)],
                        capture_output=True, text=True, timeout=180, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("rank "))
+    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
     assert lines == ["rank 0 of 2 backend gloo", "rank 1 of 2 backend gloo"], r.stdout
