@@ -235,13 +235,15 @@ def test_full_size_config_builds_aniportrait_shapes_on_meta():
     """configs/model/aniportrait.yaml builds exactly AniPortrait's parameter counts (fixture manifests)."""
     from pathlib import Path
 
+    import fakes_aniportrait
+
     from portrait import config as config_lib
     from portrait.models.bundle import ModelConfig
 
     repo = Path(__file__).resolve().parents[2]
-    fixtures = repo.parent / "shared" / "fixtures" / "aniportrait"
-    if not fixtures.is_dir():
-        pytest.skip(f"AniPortrait manifests not found at {fixtures}")
+    fixtures = fakes_aniportrait.fixtures_dir()
+    if fixtures is None:
+        pytest.skip("AniPortrait manifests not found (tests/fixtures/aniportrait)")
     cfg = config_lib.load(ModelConfig, repo / "configs/model/aniportrait.yaml")
     with torch.device("meta"):
         model = Pose2VideoModel.from_config(cfg, seed=None)
@@ -263,11 +265,11 @@ def test_full_size_config_builds_aniportrait_shapes_on_meta():
 
 
 def test_default_scheduler_reproduces_aniportrait_timesteps():
-    from pathlib import Path
+    import fakes_aniportrait
 
-    fixtures = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "aniportrait" / "full_size_configs.json"
-    if not fixtures.is_file():
-        pytest.skip("AniPortrait manifests not found")
+    if fakes_aniportrait.fixtures_dir() is None:
+        pytest.skip("AniPortrait manifests not found (tests/fixtures/aniportrait)")
+    fixtures = fakes_aniportrait.fixtures_dir() / "full_size_configs.json"
     from diffusers import DDIMScheduler
 
     from portrait.models.bundle import TEACHER_SCHEDULER
