@@ -23,7 +23,7 @@ fusion mask M, images backward-warped with ``grid_sample``, output = M * warp(I0
   equals the model with them off. ``use_landmarks=False`` zeroes the branch's inputs (pose images, warped pose
   images, prior), which is exactly how training's per-sample landmark dropout presents an "off" sample, so the
   landmark-blind mode is one the network was trained in (before 2026-12-07 it skipped the branch instead, a mode
-  training never saw: 0.11 dB worse on 256 held-out triplets, BENCHMARKS.md). ``InterpolatorConfig.use_landmarks=False``
+  training never saw: 0.08 dB weaker on the 200 validation triplets, BENCHMARKS.md). ``InterpolatorConfig.use_landmarks=False``
   builds a network without the branch at all.
 * **Exact keyframes.** The flows are parametrised as ``F_t->0 = t * f0 + g * prior_t->0`` and
   ``F_t->1 = (1 - t) * f1 + g * prior_t->1`` (a linear-motion parametrisation, as in Super SloMo, Jiang et al.
