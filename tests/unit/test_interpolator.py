@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from infer.keyframes import (
     KeyframeSpecError,
@@ -65,9 +66,10 @@ def _face_landmarks(n: int, mouth: np.ndarray | None = None) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("arch", ["tiny", "tiny_fast"])
 @pytest.mark.parametrize("use_landmarks", [True, False])
-def test_t0_and_t1_return_the_keyframes(use_landmarks):
-    net = _randomise(build_interpolator("tiny")).eval()
+def test_t0_and_t1_return_the_keyframes(use_landmarks, arch):
+    net = _randomise(build_interpolator(arch)).eval()
     img0, img1, (p0, p1, _), (l0, l1, _) = _inputs()
     b = img0.shape[0]
     with torch.no_grad():
@@ -78,6 +80,35 @@ def test_t0_and_t1_return_the_keyframes(use_landmarks):
     torch.testing.assert_close(out1["frame"], img1, atol=1e-4, rtol=0)
     assert (mid["frame"] - img0).abs().max() > 1e-2  # the middle really is something else
     assert mid["flow"].abs().max() > 0  # the randomised network predicts non-zero flow
+
+
+@pytest.mark.parametrize(("shape", "size"), [((3, 2, 16, 16), (64, 64)), ((3, 5, 8, 8), (16, 16)), ((3, 4, 16, 16), (8, 8)),
+                                           ((2, 3, 64, 64), (16, 16)), ((2, 3, 64, 48), (32, 24)), ((1, 2, 12, 20), (30, 50))])
+def test_resize_matmuls_equal_avg_pool_and_bilinear(shape, size):
+    # On a CPU at small sides the interpolator resizes with two matmuls; they must be avg_pool2d / bilinear exactly
+    from portrait.models.interpolator import _to_size
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    h, w = shape[-2:]
+    shrink = h % size[0] == 0 and w % size[1] == 0 and h // size[0] == w // size[1]
+    want = F.avg_pool2d(x, h // size[0]) if shrink else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(_to_size(x, size), want, atol=1e-5, rtol=0)
+
+
+def test_tiny_fast_has_no_full_resolution_block():
+    net = build_interpolator("tiny_fast")
+    assert net.config.scales == [4, 2, 2] and net.config.downs == [4, 4, 2] and net.multiple == 16
+    # the same parameters as tiny (only strides differ), on the same 16x16 coarse grid at 64 px
+    assert [p.shape for p in net.parameters()] == [p.shape for p in build_interpolator("tiny").parameters()]
+    seen = []
+    hooks = [b.conv0.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[-1], o.shape[-1]))) for b in net.blocks]
+    img0, img1, (p0, p1, pt), (l0, l1, lt) = _inputs(size=64)
+    net.interpolate(img0, img1, torch.full((3,), 0.5), p0, p1, pt, l0, l1, lt)
+    for h in hooks:
+        h.remove()
+    assert seen == [(16, 4), (32, 8), (32, 16)]
+    with pytest.raises(ValueError, match="one entry per block"):
+        build_interpolator("tiny", downs=[4, 2])
 
 
 def test_zero_flow_with_mask_half_is_the_blend():
