@@ -32,10 +32,15 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     nets = {s: (FrameInterpolator.from_pretrained(s) if Path(s).is_dir() else build_interpolator(s).eval()) for s in args.interpolators}
-    size, b = 64, 15
     for k, n in nets.items():
-        print(f"{k}: {sum(p.numel() for p in n.parameters())} params, {count_macs(n, size) / 1e6:.2f} MMAC per frame (counted)")
-    m = Pose2VideoModel.from_pretrained(args.model)
+        print(f"{k}: {sum(p.numel() for p in n.parameters())} params, {count_macs(n, 64) / 1e6:.2f} MMAC per frame (counted)")
+    time_against_unet(nets, args.model, args.repeats)
+
+
+def time_against_unet(nets: dict, model: str, repeats: int, size: int = 64, b: int = 15) -> None:
+    """Print each interpolator's wall time per in-between frame against one teacher UNet evaluation per frame,
+    timed interleaved (also used by interpolator_format_h2h.py)."""
+    m = Pose2VideoModel.from_pretrained(model)
     pipe = Pose2VideoPipeline(m)
     g = torch.Generator().manual_seed(0)
     x0, x1 = torch.rand(b, 3, size, size, generator=g), torch.rand(b, 3, size, size, generator=g)
@@ -51,7 +56,7 @@ def main() -> None:
     with torch.inference_mode():
         for f in fns.values():
             f()
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for k, f in fns.items():
                 t0 = time.perf_counter()
                 f()
@@ -61,7 +66,6 @@ def main() -> None:
     for k in nets:
         a, am = min(times[k]) / b, float(np.median(times[k])) / b
         print(f"{k}: per in-between frame min {a * 1e3:.2f} ms ({a / u:.1%} of a UNet eval), median {am * 1e3:.2f} ms ({am / um:.1%})")
-
 
 if __name__ == "__main__":
     main()
