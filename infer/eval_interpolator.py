@@ -100,6 +100,20 @@ def _mean(rows: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each callable: one warm-up call each, then ``repeats`` rounds calling each once in turn, so a
+    slow spell of a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 @torch.no_grad()
 def time_costs(pipe: Pose2VideoPipeline, interp, size: int, repeats: int = 15) -> dict:
     """Wall seconds: interpolator per in-between frame (batch of 15) vs one teacher UNet evaluation per frame.
@@ -128,14 +142,7 @@ def time_costs(pipe: Pose2VideoPipeline, interp, size: int, repeats: int = 15) -
     z = torch.randn(1, m.vae.config.latent_channels, 16, h, h, generator=g)
     tt = torch.tensor(500)
     fns = {"interp": run_interp, "unet": lambda: fn(z, tt)}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = time_interleaved(fns, repeats)
     i_min, i_med = min(times["interp"]), float(np.median(times["interp"]))
     u_min, u_med = min(times["unet"]), float(np.median(times["unet"]))
     unet_macs = count_flops(lambda: fn(z, tt)).macs / 32

@@ -12,12 +12,12 @@ A name from ``INTERPOLATOR_CONFIGS`` (e.g. ``tiny_fast``) times an untrained net
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from infer.eval_interpolator import time_interleaved
 from infer.pipeline import GenerationConfig, Pose2VideoPipeline
 from portrait.models import Pose2VideoModel
 from portrait.models.interpolator import FrameInterpolator, build_interpolator, count_macs
@@ -52,15 +52,8 @@ def time_against_unet(nets: dict, model: str, repeats: int, size: int = 64, b: i
     z = torch.randn(1, m.vae.config.latent_channels, 16, h, h, generator=g)
     fns = {k: (lambda n=n: n.interpolate(x0, x1, t, x0, x1, x0, lmk, lmk, lmk)) for k, n in nets.items()}
     fns["unet"] = lambda: fn(z, torch.tensor(500))
-    times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
-        for f in fns.values():
-            f()
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+        times = time_interleaved(fns, repeats)
     u, um = min(times["unet"]) / 32, float(np.median(times["unet"])) / 32
     print(f"teacher UNet eval per frame: min {u * 1e3:.2f} ms, median {um * 1e3:.2f} ms")
     for k in nets:
