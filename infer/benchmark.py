@@ -88,7 +88,7 @@ class BenchConfig:
     out_dir: str = "runs/bench"
     teacher: str = "portrait/assets/tiny_teacher"  # variants may say model: ${teacher} (one override switches every teacher row)
     models: str = "runs"  # root of the other model folders; variants may say model: ${models}/distill/... (quickstart: runs/quickstart)
-    interpolator: str = "portrait/assets/tiny_interpolator"  # variants may say interpolator: ${interpolator} (the shipped one)
+    interpolator: str = "portrait/assets/tiny_fast_interpolator"  # variants may say interpolator: ${interpolator} (the shipped one)
     mode: str = "quality"  # quality | speed (random weights, no quality)
     data: str = "runs/data/synthetic64"
     split: str = "test"

@@ -11,7 +11,7 @@
 #   QS_TEACHER                 an existing teacher model folder to use instead of training one
 #                              [runs/teacher/tiny/model if it exists, else the shipped portrait/assets/tiny_teacher,
 #                               else a short teacher is trained]
-#   QS_INTERP                  an interpolator folder to use [the shipped portrait/assets/tiny_interpolator, else a
+#   QS_INTERP                  an interpolator folder to use [the shipped portrait/assets/tiny_fast_interpolator, else a
 #                              short one is trained]
 #   QS_THREADS [all cores]     torch threads per job
 #   QS_DRY_RUN [0]             1: print the stage commands without running them
@@ -79,7 +79,7 @@ fi
 
 # 5. interpolator -------------------------------------------------------------------------------------------
 INTERP="${QS_INTERP:-}"
-if [[ -z "$INTERP" && -f portrait/assets/tiny_interpolator/config.json ]]; then INTERP=portrait/assets/tiny_interpolator; fi
+if [[ -z "$INTERP" && -f portrait/assets/tiny_fast_interpolator/config.json ]]; then INTERP=portrait/assets/tiny_fast_interpolator; fi
 if [[ -n "$INTERP" ]]; then
   stage 5/6 "keyframe interpolator: using $INTERP"
   [[ -f "$INTERP/config.json" ]] || { echo "error: QS_INTERP=$INTERP is not an interpolator folder" >&2; exit 2; }
@@ -88,7 +88,7 @@ else
   stage 5/6 "keyframe interpolator: a SHORT run -> $INTERP (bash launch.sh interpolator trains the real one)"
   if [[ -d "$INTERP" ]]; then echo "reusing $INTERP"
   elif have_script interpolator; then
-    run python train/interpolator.py --config configs/interpolator/tiny.yaml vae_model="$TEACHER" export_dir="$INTERP" \
+    run python train/interpolator.py --config configs/interpolator/tiny_fast.yaml vae_model="$TEACHER" export_dir="$INTERP" \
       train.run_dir="$RUN/interpolator" train.max_steps=150 train.checkpoint_every=50 train.tracker=none train.threads="$THREADS"
   fi
 fi

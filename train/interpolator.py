@@ -1,9 +1,9 @@
 """Train the landmark-conditioned frame interpolator (issue 6; ``portrait/models/interpolator.py``).
 
     bash launch.sh interpolator                                              # the embedded tiny CPU default
-    bash launch.sh interpolator --config configs/interpolator/tiny.yaml train.threads=1
-    accelerate launch train/interpolator.py --config configs/interpolator/tiny.yaml vae_model=runs/teacher/tiny/model
-    python train/interpolator.py --config configs/interpolator/tiny.yaml train.max_steps=2 train.tracker=none --dry-run
+    bash launch.sh interpolator --config configs/interpolator/tiny_fast.yaml train.threads=1
+    accelerate launch train/interpolator.py --config configs/interpolator/tiny_fast.yaml vae_model=runs/teacher/tiny/model
+    python train/interpolator.py --config configs/interpolator/tiny_fast.yaml train.max_steps=2 train.tracker=none --dry-run
 
 Re-running the same command resumes from the last complete checkpoint in ``train.run_dir/checkpoints``.
 
@@ -57,7 +57,7 @@ class InterpLossConfig:
 
 @dataclass
 class InterpolatorTrainConfig:
-    arch: str = "tiny"  # INTERPOLATOR_CONFIGS name: tiny | base
+    arch: str = "tiny_fast"  # INTERPOLATOR_CONFIGS name: tiny_fast (CPU default) | tiny | base
     use_landmarks: bool = True
     flow_prior: bool = True
     gaps: list[int] = field(default_factory=lambda: [2, 3, 4])
@@ -68,11 +68,11 @@ class InterpolatorTrainConfig:
     landmark_dropout: float = 0.2
     prior_dropout: float = 0.2
     val_triplets: int = 64  # held-out (val split) triplets scored at export
-    export_dir: str = "runs/interpolator/tiny/model"
+    export_dir: str = "runs/interpolator/tiny_fast/model"
     loss: InterpLossConfig = field(default_factory=InterpLossConfig)
     data: T.DataConfig = field(default_factory=lambda: T.DataConfig(strides=[1], reference="first"))
     train: T.TrainConfig = field(default_factory=lambda: T.TrainConfig(
-        run_dir="runs/interpolator/tiny", batch_size=16, max_steps=6000, lr=1e-3, lr_schedule="cosine", lr_warmup_steps=30,
+        run_dir="runs/interpolator/tiny_fast", batch_size=16, max_steps=6000, lr=1e-3, lr_schedule="cosine", lr_warmup_steps=30,
         ema_decay=0.99, checkpoint_every=500, log_every=10))
 
 

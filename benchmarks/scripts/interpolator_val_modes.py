@@ -24,7 +24,7 @@ from portrait.models.interpolator import FrameInterpolator  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--interpolator", default="portrait/assets/tiny_interpolator")
+    ap.add_argument("--interpolator", default="portrait/assets/tiny_fast_interpolator")
     ap.add_argument("--data", default="runs/data/synthetic64")
     ap.add_argument("--triplets", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)

@@ -49,11 +49,16 @@ def test_bad_inputs_give_one_line_errors(tmp_path, train_dataset):
     assert r.returncode == 1 and "keyframe_source" in r.stderr
 
 
-def test_config_file_validates():
+@pytest.mark.parametrize("name", ["tiny", "tiny_fast"])
+def test_config_file_validates(name):
     from portrait import config as config_lib
     from portrait.config_registry import SCHEMAS
+    from portrait.models.interpolator import INTERPOLATOR_CONFIGS
 
-    cfg = config_lib.load(SCHEMAS["interpolator"], REPO / "configs" / "interpolator" / "tiny.yaml")
+    cfg = config_lib.load(SCHEMAS["interpolator"], REPO / "configs" / "interpolator" / f"{name}.yaml")
     assert cfg.gaps == [2, 3, 4] and cfg.keyframe_source == "vae"
+    assert cfg.arch == name and name in INTERPOLATOR_CONFIGS and cfg.export_dir == f"runs/interpolator/{name}/model"
+    # the schema's default is the CPU default the benchmark configs and the quickstart use
+    assert SCHEMAS["interpolator"]().arch == "tiny_fast"
     with pytest.raises(config_lib.ConfigError, match="unknown config key"):
         config_lib.load(SCHEMAS["interpolator"], REPO / "configs" / "interpolator" / "tiny.yaml", ["loss.nope=1"])

@@ -19,11 +19,11 @@ def test_dry_run_uses_the_shipped_teacher_and_interpolator(tmp_path):
     r = _quickstart(tmp_path, QS_TEACHER="portrait/assets/tiny_teacher")
     assert r.returncode == 0, r.stderr
     assert "tiny teacher: using portrait/assets/tiny_teacher" in r.stdout
-    assert "keyframe interpolator: using portrait/assets/tiny_interpolator" in r.stdout
+    assert "keyframe interpolator: using portrait/assets/tiny_fast_interpolator" in r.stdout
     assert "train/interpolator.py" not in r.stdout  # nothing to train when the interpolator is shipped
     bench = [line for line in r.stdout.splitlines() if "infer.benchmark" in line]
-    assert len(bench) == 1 and "interpolator=portrait/assets/tiny_interpolator" in bench[0]
-    assert (ROOT / "portrait/assets/tiny_interpolator/config.json").is_file()
+    assert len(bench) == 1 and "interpolator=portrait/assets/tiny_fast_interpolator" in bench[0]
+    assert (ROOT / "portrait/assets/tiny_fast_interpolator/config.json").is_file()
 
 
 def test_an_interpolator_that_is_not_a_folder_stops_the_quickstart(tmp_path):
