@@ -110,6 +110,7 @@ class BenchConfig:
     model_config: str = "configs/model/aniportrait.yaml"  # speed mode: architecture of "random" models
     allow_cpu: bool = False  # speed mode on CPU (testing only; needs a tiny model_config)
     seed: int = 0
+    skip: list[str] = field(default_factory=list)  # variant names reported as skipped, e.g. skip=[teacher_bf16] on a CPU without bf16
     variants: list[VariantConfig] = field(default_factory=lambda: [
         VariantConfig(name="teacher_shipped", model="${teacher}", legacy_loop=True), VariantConfig(name="teacher_fixed", model="${teacher}")])
 
@@ -158,6 +159,11 @@ def validate(cfg: BenchConfig) -> None:
     for role in ("shipped", "fixed"):
         if getattr(cfg, role) not in names:
             raise BenchError(f"{role}={getattr(cfg, role)!r} names no variant; variants are {names}")
+    unknown = [n for n in cfg.skip if n not in names]
+    if unknown:
+        raise BenchError(f"skip names no variant: {unknown}; variants are {names}")
+    if {cfg.shipped, cfg.fixed} & set(cfg.skip):
+        raise BenchError(f"cannot skip the reference rows {cfg.shipped!r} / {cfg.fixed!r}: every speed-up is measured against them")
     shipped = cfg.variants[names.index(cfg.shipped)]
     if not shipped.legacy_loop:
         raise BenchError(f"the 'as shipped' teacher row {cfg.shipped!r} must use legacy_loop: true (upstream's loop)")
@@ -256,6 +262,9 @@ def load_runner(r: Runner, cfg: BenchConfig, device: torch.device) -> None:
     v = r.v
     dtype = L.DTYPES[v.dtype]
     t0 = time.perf_counter()
+    if v.name in cfg.skip:
+        r.row["status"] = "skipped: by config (skip)"
+        return
     try:
         if v.model == "random":
             mcfg = config_lib.load(ModelConfig, cfg.model_config, v.model_overrides)
@@ -376,7 +385,20 @@ def quality(r: Runner, clips: list[Clip], teacher: Runner, probe, metrics: list[
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16); None where unknown (no /proc/cpuinfo).
+    Without it oneDNN emulates bf16 and a bf16 row is several times *slower* than fp32 (BENCHMARKS.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def main(cfg: BenchConfig, command: str = "") -> dict:
@@ -546,6 +568,9 @@ def notes(cfg: BenchConfig, device: torch.device, schedule: str) -> list[str]:
                  (" (interleaved: every variant's weights are resident; weights_mb gives each one's own)." if schedule == "interleaved" else "."))
     else:
         n.append("peak_mem_mb: torch.cuda.max_memory_allocated during the variant's passes.")
+    if device.type == "cpu" and any(v.dtype == "bf16" for v in cfg.variants) and cpu_has_native_bf16() is False:
+        n.append("bf16 rows: this CPU has no bf16 arithmetic (no avx512_bf16 / amx_bf16 flag), so bf16 is emulated and "
+                 "slower than fp32 here; on a GPU or a CPU with AMX it is the fast path.")
     if cfg.mode == "speed":
         n.append("Speed-only mode: random weights. Timing does not depend on the weights (same shapes, same kernels), "
                  "so no quality is reported.")

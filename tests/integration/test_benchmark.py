@@ -27,16 +27,18 @@ def tiny_cfg(model_dir, data, out, **kw) -> B.BenchConfig:
 
 def test_two_variant_benchmark_writes_every_report_file(tiny_model_dir, train_dataset, tmp_path):
     extra = B.VariantConfig(name="missing", model=str(tmp_path / "no_such_model"), steps=1)
-    cfg = tiny_cfg(tiny_model_dir, train_dataset, tmp_path, variants=[
+    unwanted = B.VariantConfig(name="unwanted", model=str(tiny_model_dir), steps=1)
+    cfg = tiny_cfg(tiny_model_dir, train_dataset, tmp_path, skip=["unwanted"], variants=[
         B.VariantConfig(name="shipped", model=str(tiny_model_dir), steps=1, legacy_loop=True),
-        B.VariantConfig(name="same", model=str(tiny_model_dir), steps=1, legacy_loop=True), extra])
+        B.VariantConfig(name="same", model=str(tiny_model_dir), steps=1, legacy_loop=True), extra, unwanted])
     report = B.main(cfg)
     out = tmp_path / "t"
     for f in ("report.json", "report.md", "pareto.png", "side_by_side.mp4", "side_by_side.gif", "config.yaml"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     saved = json.loads((out / "report.json").read_text())
-    assert [v["name"] for v in saved["variants"]] == ["shipped", "same", "missing"]
+    assert [v["name"] for v in saved["variants"]] == ["shipped", "same", "missing", "unwanted"]
     assert saved["variants"][2]["status"].startswith("skipped: model folder")
+    assert saved["variants"][3]["status"] == "skipped: by config (skip)" and saved["variants"][3].get("sec_per_frame") is None
     row = saved["variants"][1]
     for key in ("name", "sec_per_frame", "fps", "peak_mem_mb", "unet_evals_per_frame", "flops_per_frame", "speedup_vs_shipped",
                 "speedup_vs_fixed", "psnr_gt", "ssim_gt", "psnr_teacher", "landmark_error", "mouth_psnr", "flicker"):
@@ -177,6 +179,11 @@ def test_bad_config_is_named(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert B.cli(["--config", "configs/bench/tiny.yaml", "variants.1.keyframes=fixed:x", "--dry-run"]) == 2
     assert "fixed:x" in capsys.readouterr().err
+    assert B.cli(["--config", "configs/bench/tiny.yaml", "skip=[teacher_bf17]", "--dry-run"]) == 2
+    assert "teacher_bf17" in capsys.readouterr().err
+    assert B.cli(["--config", "configs/bench/tiny.yaml", "skip=[teacher_fixed]", "--dry-run"]) == 2
+    assert "reference rows" in capsys.readouterr().err
+    assert B.cli(["--config", "configs/bench/tiny.yaml", "skip=[teacher_bf16]", "--dry-run"]) == 0
     # the shipped teacher's folder must exist
     assert B.cli(["--config", "configs/bench/tiny.yaml", f"teacher={tmp_path}/none", f"out_dir={tmp_path}"]) == 2
     assert "as shipped" in capsys.readouterr().err
@@ -211,3 +218,20 @@ def test_keyframed_variant_reports_keyframes_and_inbetweens_separately(tiny_mode
     for kind in ("keyframes", "inbetween"):
         assert set(kf["by_frame_type"][kind]) == set(B.QUALITY_METRICS)
     assert kf["unet_evals_per_frame"] == 2 * 4 / 8  # keyframes 0, 3, 6, 7 of 8 frames, 1 step x 2 CFG halves
+
+
+def test_cpu_bf16_capability_is_read_from_the_cpu_flags(monkeypatch):
+    amd = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    spr = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert B.cpu_has_native_bf16(amd) is False
+    assert B.cpu_has_native_bf16(spr) is True
+    assert B.cpu_has_native_bf16("no flags line") is None
+    # the report says so when a bf16 row runs on a CPU without bf16 arithmetic, and only then
+    cfg = dataclasses.replace(B.BenchConfig(), variants=[B.VariantConfig(name="a", model="m"),
+                                                         B.VariantConfig(name="b", model="m", dtype="bf16")])
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(B, "cpu_has_native_bf16", lambda: False)
+    assert any("bf16 is emulated" in n for n in B.notes(cfg, cpu, "interleaved"))
+    assert not any("bf16 is emulated" in n for n in B.notes(dataclasses.replace(cfg, variants=cfg.variants[:1]), cpu, "interleaved"))
+    monkeypatch.setattr(B, "cpu_has_native_bf16", lambda: True)
+    assert not any("bf16 is emulated" in n for n in B.notes(cfg, cpu, "interleaved"))
