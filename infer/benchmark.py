@@ -568,7 +568,7 @@ def notes(cfg: BenchConfig, device: torch.device, schedule: str) -> list[str]:
                  (" (interleaved: every variant's weights are resident; weights_mb gives each one's own)." if schedule == "interleaved" else "."))
     else:
         n.append("peak_mem_mb: torch.cuda.max_memory_allocated during the variant's passes.")
-    if device.type == "cpu" and any(v.dtype == "bf16" for v in cfg.variants) and cpu_has_native_bf16() is False:
+    if device.type == "cpu" and any(v.dtype == "bf16" and v.name not in cfg.skip for v in cfg.variants) and cpu_has_native_bf16() is False:
         n.append("bf16 rows: this CPU has no bf16 arithmetic (no avx512_bf16 / amx_bf16 flag), so bf16 is emulated and "
                  "slower than fp32 here; on a GPU or a CPU with AMX it is the fast path.")
     if cfg.mode == "speed":

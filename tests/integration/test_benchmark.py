@@ -233,5 +233,6 @@ def test_cpu_bf16_capability_is_read_from_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(B, "cpu_has_native_bf16", lambda: False)
     assert any("bf16 is emulated" in n for n in B.notes(cfg, cpu, "interleaved"))
     assert not any("bf16 is emulated" in n for n in B.notes(dataclasses.replace(cfg, variants=cfg.variants[:1]), cpu, "interleaved"))
+    assert not any("bf16 is emulated" in n for n in B.notes(dataclasses.replace(cfg, skip=["b"]), cpu, "interleaved"))
     monkeypatch.setattr(B, "cpu_has_native_bf16", lambda: True)
     assert not any("bf16 is emulated" in n for n in B.notes(cfg, cpu, "interleaved"))
