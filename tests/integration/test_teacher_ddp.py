@@ -19,6 +19,9 @@ def dataset(train_dataset):
     return train_dataset
 
 
+# slow: the suite reached 920 s of its 900 s budget on a 2-core AVX2 CPU (2026-12-07); the shared loop's DDP
+# equality stays in the default run through tests/integration/test_distributed.py (distillation, same loop).
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path, dataset):
     # The logged loss and all-reduced gradient norm of every step must agree to float tolerance: different data,
     # BatchNorm statistics over a different grouping or a doubly-stepped LR schedule would all change them.
