@@ -34,11 +34,15 @@ def test_ddp_2cpu_config_starts_two_gloo_processes(tmp_path):
     # configs/accelerate/ddp_2cpu.yaml once said MULTI_CPU + use_cpu: true, which accelerate runs as ONE process:
     # FP_ACCELERATE=ddp_2cpu silently trained single-process. Launch it exactly as launch.sh does.
     script = tmp_path / "world.py"
-    script.write_text("from accelerate import Accelerator\ns = Accelerator().state\n"  # as portrait.training does
-                      "print(f'rank {s.process_index} of {s.num_processes} backend {s.backend}', flush=True)\n")
+    # Each rank writes its own file: two processes printing to one pipe can interleave their lines (CI once read
+    # "rank 0 of 2 backend gloorank 1 of 2 backend gloo").
+    script.write_text("import sys\nfrom pathlib import Path\nfrom accelerate import Accelerator\n"
+                      "s = Accelerator().state\n"  # as portrait.training does
+                      "Path(sys.argv[1], f'rank{s.process_index}.txt').write_text("
+                      "f'rank {s.process_index} of {s.num_processes} backend {s.backend}')\n")
     r = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/ddp_2cpu.yaml"),
-                        "--main_process_port", free_port(), str(script)],
+                        "--main_process_port", free_port(), str(script), str(tmp_path)],
                        capture_output=True, text=True, timeout=180, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
-    assert lines == ["rank 0 of 2 backend gloo", "rank 1 of 2 backend gloo"], r.stdout
+    lines = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
+    assert lines == ["rank 0 of 2 backend gloo", "rank 1 of 2 backend gloo"], r.stdout + r.stderr[-2000:]
