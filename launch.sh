@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry for every job:  bash launch.sh <job> [--config PATH] [key=value ...]
-#   jobs: teacher distill prune interpolator bench quickstart test
+#   jobs: teacher distill prune interpolator decoder bench quickstart test
 # Training jobs run under `accelerate launch` with configs/accelerate/$FP_ACCELERATE.yaml
 # (default: single, one CPU or GPU process). Examples:
 #   bash launch.sh teacher                                   # tiny teacher on CPU, embedded default
@@ -29,7 +29,7 @@ train_job() {
   exec accelerate launch --config_file "$acc_cfg" ${FP_ACCELERATE_ARGS:-} "train/$1.py" "${@:2}"
 }
 case "$job" in
-  teacher|distill|prune|interpolator)
+  teacher|distill|prune|interpolator|decoder)
     if [[ ! -f "train/$job.py" ]]; then echo "error: train/$job.py is not implemented yet (see the open issues)" >&2; exit 2; fi
     train_job "$job" "$@" ;;
   bench)
@@ -42,5 +42,5 @@ case "$job" in
     # default: everything but tests marked slow (CI runs this); pass pytest args to choose, e.g. `-m slow` or `tests/unit`
     if [[ $# -eq 0 ]]; then exec python -m pytest -q -m "not slow"; fi
     exec python -m pytest -q "$@" ;;
-  *) echo "error: unknown job '$job' (teacher distill prune interpolator bench quickstart test)" >&2; exit 2 ;;
+  *) echo "error: unknown job '$job' (teacher distill prune interpolator decoder bench quickstart test)" >&2; exit 2 ;;
 esac

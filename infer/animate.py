@@ -8,12 +8,16 @@
         --keyframes fixed:3 --interpolator runs/interpolator/tiny/model
     python -m infer.animate --model MODEL_DIR --ref ref.png --pose landmarks.npy --out out.mp4 \
         --keyframes adaptive:0.05 --interpolator blend
+    python -m infer.animate --model STUDENT_DIR --ref ref.png --pose landmarks.npy --out out.mp4 \
+        --keyframes fixed:3 --interpolator portrait/assets/tiny_fast_interpolator --decoder portrait/assets/tiny_decoder
 
 A distilled student folder records its sampler (lcm / phased / ddim) and default step count; --sampler and
 --steps override them.
 
 POSE is a pose video, a folder of pose images, or a .npy of 68-point landmarks (F, 68, 2) in pixels of the
 model resolution. The output is an h264 mp4 at the source fps. The device is cuda when available, else cpu.
+
+--decoder DIR decodes with a distilled tiny (TAESD-architecture) decoder instead of the KL VAE's (`bash launch.sh decoder`).
 
 --keyframes fixed:K | adaptive:EPS runs diffusion on the keyframes only (infer/keyframes.py) and fills the frames in
 between with --interpolator (an interpolator folder from `bash launch.sh interpolator`, or "blend" for a linear blend).
@@ -38,6 +42,7 @@ from infer.pipeline import GenerationConfig, Pose2VideoPipeline
 from infer.samplers import SAMPLERS
 from portrait.models.bundle import ModelFolderError, Pose2VideoModel
 from portrait.models.interpolator import InterpolatorFolderError, load_interpolator
+from portrait.models.tiny_decoder import DecoderFolderError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--keyframes", default="none", help="none | fixed:K | adaptive:EPS[:max_gap=G]: diffuse only keyframes")
     ap.add_argument("--interpolator", default=None, help="interpolator folder, or 'blend', for --keyframes")
+    ap.add_argument("--decoder", default=None, help="a distilled tiny VAE decoder folder (`bash launch.sh decoder`, or a diffusers "
+                    "TAESD folder) in place of the KL VAE decoder")
     return ap
 
 
@@ -97,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             interpolator = load_interpolator(args.interpolator, device=device)
         elif args.interpolator is not None:
             print("note: --interpolator is ignored without --keyframes fixed:K|adaptive:EPS", file=sys.stderr)
+        pipe = Pose2VideoPipeline(model, interpolator=interpolator, decoder=args.decoder)
         print(f"loaded {args.model} in {time.time() - t0:.1f} s; {pose.shape[0]} pose frames at {fps:g} fps on {device}")
-    except (InputError, ModelFolderError, KeyframeSpecError, InterpolatorFolderError) as e:
+    except (InputError, ModelFolderError, KeyframeSpecError, InterpolatorFolderError, DecoderFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     steps = args.steps if args.steps is not None else int(model.metadata.get("default_steps", 25))
     gen = GenerationConfig(steps=steps, guidance=args.guidance, sampler=args.sampler, context_frames=args.context_frames,
                            context_overlap=args.context_overlap, legacy_loop=args.legacy_loop, keyframes=str(spec))
-    pipe = Pose2VideoPipeline(model, interpolator=interpolator)
     print(f"sampler {pipe.sampler_name(gen)}, {steps} steps, guidance {args.guidance:g}")
     generator = torch.Generator().manual_seed(args.seed)
     t1 = time.time()

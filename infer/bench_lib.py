@@ -59,11 +59,12 @@ def quantize_int8_dynamic(model: torch.nn.Module) -> None:
         raise Unsupported(f"torchao int8 dynamic quantisation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def prepare_variant_model(model, quantize: str = "none", compile: bool = False) -> None:
+def prepare_variant_model(model, quantize: str = "none", compile: bool = False, decoder: torch.nn.Module | None = None) -> None:
     """Apply the variant's quantisation and compilation to ``model`` in place (dtype is set at load).
 
     ``torch.compile`` wraps the denoising UNet and the VAE decoder (in place, ``nn.Module.compile``, so the
-    bundle's hooks and attention processors stay attached); compilation itself happens in the warm-up.
+    bundle's hooks and attention processors stay attached), or the tiny ``decoder`` that replaces it;
+    compilation itself happens in the warm-up.
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize {quantize!r}; choose from {QUANTIZE}")
@@ -73,7 +74,7 @@ def prepare_variant_model(model, quantize: str = "none", compile: bool = False) 
         if not hasattr(torch, "compile"):
             raise Unsupported("this torch has no torch.compile")
         model.denoising_unet.compile()
-        model.vae.decoder.compile()
+        (decoder.decoder if decoder is not None else model.vae.decoder).compile()
 
 
 def parameter_mb(module: torch.nn.Module) -> float:
@@ -137,13 +138,15 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------------
-def component_modules(model, interpolator: torch.nn.Module | None = None) -> dict[str, list[torch.nn.Module]]:
-    """Component name -> the modules whose forward calls are that component's work."""
+def component_modules(model, interpolator: torch.nn.Module | None = None,
+                      decoder: torch.nn.Module | None = None) -> dict[str, list[torch.nn.Module]]:
+    """Component name -> the modules whose forward calls are that component's work (``decoder``: a tiny decoder
+    that replaces the KL VAE's, counted as ``vae_decode``)."""
     comps = {
         "reference_unet": [model.reference_unet],
         "pose_guider": [model.pose_guider],
         "denoising_unet": [model.denoising_unet],
-        "vae_decode": [model.vae.decoder, model.vae.post_quant_conv],
+        "vae_decode": [decoder.decoder] if decoder is not None else [model.vae.decoder, model.vae.post_quant_conv],
     }
     if interpolator is not None:
         comps["interpolator"] = [interpolator]

@@ -162,6 +162,8 @@ def variant_desc(row: dict) -> str:
         parts.append("compiled")
     if v.get("keyframes", "none") != "none":
         parts.append(f"keyframes {v['keyframes']}")
+    if v.get("decoder"):
+        parts.append(f"tiny decoder {Path(v['decoder']).name}")
     return ", ".join(p for p in parts if p)
 
 

@@ -63,6 +63,7 @@ class VariantConfig:
     sampler: str | None = None  # None: the folder's own sampler, else ddim
     keyframes: str = "none"  # none | fixed:K (every K-th frame) | adaptive:EPS
     interpolator: str | None = None  # with keyframes: an interpolator model folder, or "blend" (linear cross-fade)
+    decoder: str | None = None  # a tiny (TAESD-architecture) decoder folder in place of the KL VAE decoder; None: the VAE's
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     quantize: str = "none"  # none | int8_dynamic (torchao, Linear layers)
     compile: bool = False  # torch.compile the denoising UNet and the VAE decoder
@@ -89,6 +90,7 @@ class BenchConfig:
     teacher: str = "portrait/assets/tiny_teacher"  # variants may say model: ${teacher} (one override switches every teacher row)
     models: str = "runs"  # root of the other model folders; variants may say model: ${models}/distill/... (quickstart: runs/quickstart)
     interpolator: str = "portrait/assets/tiny_fast_interpolator"  # variants may say interpolator: ${interpolator} (the shipped one)
+    decoder: str = "portrait/assets/tiny_decoder"  # variants may say decoder: ${decoder} (the shipped distilled tiny decoder)
     mode: str = "quality"  # quality | speed (random weights, no quality)
     data: str = "runs/data/synthetic64"
     split: str = "test"
@@ -258,6 +260,7 @@ def generation_config(v: VariantConfig, model) -> tuple[GenerationConfig, int]:
 def load_runner(r: Runner, cfg: BenchConfig, device: torch.device) -> None:
     """Load (or build) the variant's model and pipeline; sets ``row['status']`` on failure instead of raising."""
     from portrait.models.bundle import ModelConfig, ModelFolderError, Pose2VideoModel
+    from portrait.models.tiny_decoder import DecoderFolderError
 
     v = r.v
     dtype = L.DTYPES[v.dtype]
@@ -277,8 +280,11 @@ def load_runner(r: Runner, cfg: BenchConfig, device: torch.device) -> None:
         if v.interpolator and v.interpolator != "blend" and not Path(v.interpolator).exists():
             r.row["status"] = f"skipped: interpolator folder {v.interpolator} not found"
             return
+        if v.decoder and not Path(v.decoder).exists():
+            r.row["status"] = f"skipped: decoder folder {v.decoder} not found (train one with `bash launch.sh decoder`)"
+            return
         r.gen, steps = generation_config(v, model)
-        r.pipe = Pose2VideoPipeline(model)
+        r.pipe = Pose2VideoPipeline(model, decoder=v.decoder)
         if parse_keyframes(v.keyframes)[0] != "none":
             import inspect
 
@@ -291,7 +297,7 @@ def load_runner(r: Runner, cfg: BenchConfig, device: torch.device) -> None:
         r.row["weights_mb"] = L.parameter_mb(model)
         r.row["load_sec"] = time.perf_counter() - t0
         r.row["status"] = "ok"
-    except (ModelFolderError, config_lib.ConfigError) as e:
+    except (ModelFolderError, DecoderFolderError, config_lib.ConfigError) as e:
         r.row["status"] = f"error: {e}"
     except VariantError as e:
         r.row["status"] = f"error: {e}"
@@ -328,7 +334,7 @@ def end_to_end(r: Runner, clip: Clip, tmp: Path, fps: float) -> tuple[torch.Tens
 
 def count_runner(r: Runner, clip: Clip) -> None:
     """FLOPs per output frame by component and UNet frame-evaluations per frame (before quantise/compile)."""
-    comps = L.component_modules(r.pipe.model, r.interpolator)
+    comps = L.component_modules(r.pipe.model, r.interpolator, r.pipe.decoder)
 
     def count(steps: int) -> dict:
         gen = dataclasses.replace(r.gen, steps=steps)
@@ -454,7 +460,7 @@ def main(cfg: BenchConfig, command: str = "") -> dict:
                 try:
                     if cfg.count_flops:
                         count_runner(r, clips[0])
-                    L.prepare_variant_model(r.pipe.model, r.v.quantize, r.v.compile)
+                    L.prepare_variant_model(r.pipe.model, r.v.quantize, r.v.compile, r.pipe.decoder)
                     r.mem = L.PeakMemory(device)
                     t0 = time.perf_counter()
                     for _ in range(cfg.warmup):

@@ -11,6 +11,8 @@ Lossless fixes over upstream (``legacy_loop=False``, the default):
   * the pose guider runs once per window, not once per step (its inputs never change);
   * the two CFG halves are one batched UNet call;
   * the VAE decodes ``decode_batch_size`` frames per call instead of one.
+``Pose2VideoPipeline(model, decoder=FOLDER)`` decodes with a distilled tiny (TAESD-architecture) decoder instead of the
+KL VAE's (``portrait/models/tiny_decoder.py``): not lossless, measured in the benchmark's ``decoder`` rows.
 ``legacy_loop=True`` reproduces the wasteful loop (the benchmark's "as shipped" row); with the same noise both
 give the same frames to float tolerance (tested).
 
@@ -129,11 +131,19 @@ class Prepared:
 class Pose2VideoPipeline:
     """Inference for the teacher and every reduced model (students, pruned, keyframed)."""
 
-    def __init__(self, model: Pose2VideoModel, interpolator=None):
+    def __init__(self, model: Pose2VideoModel, interpolator=None, decoder=None):
         """``interpolator``: None, a ``FrameInterpolator`` / ``LinearBlend``, a folder path or ``"blend"``; used only
-        when ``GenerationConfig.keyframes`` is not ``"none"``."""
+        when ``GenerationConfig.keyframes`` is not ``"none"``.
+        ``decoder``: None (the model's KL VAE decoder) or a distilled tiny decoder (``AutoencoderTiny`` or its
+        folder, ``portrait/models/tiny_decoder.py``) that replaces it; checked against the model's latent space."""
+        from portrait.models.tiny_decoder import check_compatible, load_tiny_decoder
+
         self.model = model
         self.interpolator = interpolator
+        self.decoder = None
+        if decoder is not None:
+            self.decoder = load_tiny_decoder(decoder, device=model.device, dtype=model.dtype)
+            check_compatible(self.decoder, model, name=str(decoder) if isinstance(decoder, (str, os.PathLike)) else "decoder")
         self.counters = {"unet_evals": 0, "pose_guider_calls": 0, "vae_decode_calls": 0, "interpolated_frames": 0}
         self.last_keyframes: list[int] | None = None  # the keyframe indices of the last call (all frames if "none")
 
@@ -301,6 +311,13 @@ class Pose2VideoPipeline:
         return gen.sampler or self.model.metadata.get("sampler") or "ddim"
 
     def decode(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """UNet-space latents (1, C, F, h, w) -> frames (F, 3, H, W) in [0, 1], ``batch_size`` frames per call."""
         z = latents[0].permute(1, 0, 2, 3)  # (F, 4, h, w)
         self.counters["vae_decode_calls"] += -(-z.shape[0] // batch_size)
-        return ((self.model.decode_latents(z, batch_size).float() + 1) / 2).clamp(0, 1)
+        if self.decoder is None:
+            x = self.model.decode_latents(z, batch_size)
+        else:
+            from portrait.models.tiny_decoder import decode
+
+            x = torch.cat([decode(self.decoder, z[i : i + batch_size]) for i in range(0, z.shape[0], batch_size)])
+        return ((x.float() + 1) / 2).clamp(0, 1)

@@ -17,7 +17,7 @@ def _lazy(module: str, name: str) -> type:
 
 
 class _Schemas(dict):
-    _LAZY = {"teacher": ("train.teacher", "TeacherConfig"), "distill": ("train.distill", "DistillConfig"), "interpolator": ("train.interpolator", "InterpolatorTrainConfig"), "bench": ("infer.benchmark", "BenchConfig"), "prune": ("train.prune", "PruneConfig")}
+    _LAZY = {"teacher": ("train.teacher", "TeacherConfig"), "distill": ("train.distill", "DistillConfig"), "interpolator": ("train.interpolator", "InterpolatorTrainConfig"), "bench": ("infer.benchmark", "BenchConfig"), "prune": ("train.prune", "PruneConfig"), "decoder": ("train.decoder", "DecoderTrainConfig")}
 
     def __missing__(self, key):
         if key in self._LAZY:

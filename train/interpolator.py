@@ -78,15 +78,9 @@ class InterpolatorTrainConfig:
 
 def load_vae(path: str):
     """The VAE of a Pose2Video model folder, with the folder checks of ``Pose2VideoModel``."""
-    from diffusers import AutoencoderKL
+    from portrait.models.bundle import load_folder_vae
 
-    from portrait.models.bundle import read_model_info
-
-    p = Path(path)
-    read_model_info(p)  # clear errors: missing folder, not a model folder, wrong kind
-    if not (p / "vae").is_dir():
-        raise FileNotFoundError(f"model folder {p} has no vae/ (needed by keyframe_source=vae); set vae_model to a complete model folder")
-    return AutoencoderKL.from_pretrained(p / "vae").eval().requires_grad_(False)
+    return load_folder_vae(path, "keyframe_source=vae")[0]
 
 
 def objective(net, trip: dict[str, torch.Tensor], cfg: InterpolatorTrainConfig) -> tuple[torch.Tensor, dict]:

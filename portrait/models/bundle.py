@@ -366,6 +366,19 @@ class Pose2VideoModel(nn.Module):
         return model.to(device).eval()
 
 
+def load_folder_vae(path: str | Path, purpose: str = "") -> tuple[AutoencoderKL, float]:
+    """(frozen ``AutoencoderKL``, ``latent_scale``) of a Pose2Video model folder, without loading the rest; the folder
+    checks (and their errors) are those of :meth:`Pose2VideoModel.from_pretrained`. ``purpose`` ends the error of a
+    folder without ``vae/``."""
+    p = Path(path)
+    info = read_model_info(p)
+    if not (p / "vae").is_dir():
+        raise FileNotFoundError(f"model folder {p} has no vae/{f' (needed by {purpose})' if purpose else ''}; "
+                                "point to a complete model folder")
+    vae = AutoencoderKL.from_pretrained(p / "vae").eval().requires_grad_(False)
+    return vae, float(info.get("model_config", {}).get("latent_scale", vae.config.scaling_factor))
+
+
 def read_model_info(path: Path) -> dict:
     if not path.exists():
         raise ModelFolderError(f"model folder not found: {path}. Build one with `python -m portrait.models.build --out {path}` or import AniPortrait weights.")

@@ -60,7 +60,8 @@ def test_animate_from_pose_folder_and_landmarks(tiny_model_dir, inputs, tmp_path
     assert read_video(out2)[0].shape[0] == 5
 
 
-@pytest.mark.parametrize("case", ["missing_ref", "corrupt_ref", "corrupt_pose", "empty_pose", "zero_frames", "wrong_model", "bad_landmarks"])
+@pytest.mark.parametrize("case", ["missing_ref", "corrupt_ref", "corrupt_pose", "empty_pose", "zero_frames", "wrong_model", "bad_landmarks",
+                                  "wrong_decoder"])
 def test_bad_inputs_fail_clearly_and_write_nothing(case, tiny_model_dir, inputs, tmp_path):
     from infer import animate
 
@@ -69,8 +70,9 @@ def test_bad_inputs_fail_clearly_and_write_nothing(case, tiny_model_dir, inputs,
     expect = {
         "missing_ref": "image not found", "corrupt_ref": "cannot read image", "corrupt_pose": "cannot decode video",
         "empty_pose": "empty", "zero_frames": "zero frames", "wrong_model": "not a fastportrait model folder",
-        "bad_landmarks": "(F, 68, 2)",
+        "bad_landmarks": "(F, 68, 2)", "wrong_decoder": "is a Pose2Video model folder, not a tiny decoder",
     }[case]
+    extra = []
     if case == "missing_ref":
         ref = tmp_path / "nope.png"
     elif case == "corrupt_ref":
@@ -91,13 +93,15 @@ def test_bad_inputs_fail_clearly_and_write_nothing(case, tiny_model_dir, inputs,
     elif case == "bad_landmarks":
         pose = tmp_path / "bad.npy"
         np.save(pose, np.zeros((4, 5, 2), np.float32))
+    elif case == "wrong_decoder":
+        extra = ["--decoder", str(tiny_model_dir)]
     out = tmp_path / "out.mp4"
     import contextlib
     import io
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = animate.main(["--model", str(model), "--ref", str(ref), "--pose", str(pose), "--out", str(out), "--steps", "1"])
+        code = animate.main(["--model", str(model), "--ref", str(ref), "--pose", str(pose), "--out", str(out), "--steps", "1", *extra])
     assert code == 2
     assert expect in err.getvalue()
     assert "Traceback" not in err.getvalue()

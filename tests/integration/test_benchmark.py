@@ -236,3 +236,25 @@ def test_cpu_bf16_capability_is_read_from_the_cpu_flags(monkeypatch):
     assert not any("bf16 is emulated" in n for n in B.notes(dataclasses.replace(cfg, skip=["b"]), cpu, "interleaved"))
     monkeypatch.setattr(B, "cpu_has_native_bf16", lambda: True)
     assert not any("bf16 is emulated" in n for n in B.notes(cfg, cpu, "interleaved"))
+
+
+def test_decoder_variants_load_the_tiny_decoder_or_report_why_not(tiny_model_dir, tmp_path):
+    from portrait.models.tiny_decoder import build_tiny_decoder, save_tiny_decoder
+
+    good = save_tiny_decoder(build_tiny_decoder("tiny"), tmp_path / "td", {})
+    wrong = save_tiny_decoder(build_tiny_decoder("taesd"), tmp_path / "taesd", {})  # 8x: another latent space
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, tmp_path)
+
+    def load(decoder):
+        v = B.VariantConfig(name="td", model=str(tiny_model_dir), steps=1, decoder=decoder)
+        r = B.Runner(v, {"name": v.name, "model": v.model, "config": config_lib.to_dict(v), "status": "pending"})
+        B.load_runner(r, cfg, torch.device("cpu"))
+        return r
+
+    r = load(str(good))
+    assert r.ok and r.pipe.decoder is not None
+    assert L.component_modules(r.pipe.model, None, r.pipe.decoder)["vae_decode"] == [r.pipe.decoder.decoder]
+    assert "tiny decoder td" in R.variant_desc(r.row)
+    assert load(str(tmp_path / "none")).row["status"].startswith("skipped: decoder folder")
+    assert "at 8x, but the model's VAE" in load(str(wrong)).row["status"]
+    assert load(None).pipe.decoder is None

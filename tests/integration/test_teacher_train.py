@@ -83,6 +83,7 @@ def test_nan_loss_stops_clearly_and_keeps_last_good_checkpoint(tmp_path, dataset
         assert all(torch.isfinite(v).all() for v in load_file(str(ck / "model.safetensors")).values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # ~30 s; the reset itself is covered by test_models.py::test_reset_motion_modules_restores_identity_and_keeps_spatial_layers
 def test_stage1_from_a_finished_teacher_resets_its_motion_modules(tmp_path, dataset, tiny_model_dir):
     # continuing stage 1 from a teacher whose motion modules stage 2 trained: they go back to identity
     from portrait.models import Pose2VideoModel

@@ -29,3 +29,19 @@ def test_dry_run_uses_the_shipped_teacher_and_interpolator(tmp_path):
 def test_an_interpolator_that_is_not_a_folder_stops_the_quickstart(tmp_path):
     r = _quickstart(tmp_path, QS_TEACHER="portrait/assets/tiny_teacher", QS_INTERP=str(tmp_path / "nope"))
     assert r.returncode == 2 and "is not an interpolator folder" in r.stderr
+
+
+def test_dry_run_uses_the_shipped_decoder_only_with_the_shipped_teacher(tmp_path):
+    r = _quickstart(tmp_path, QS_TEACHER="portrait/assets/tiny_teacher")
+    assert r.returncode == 0, r.stderr
+    assert "tiny VAE decoder: using portrait/assets/tiny_decoder" in r.stdout and "train/decoder.py" not in r.stdout
+    bench = [line for line in r.stdout.splitlines() if "infer.benchmark" in line]
+    assert "decoder=portrait/assets/tiny_decoder" in "".join(bench)
+    # another teacher has another VAE: the shipped decoder would decode its latents wrongly, so a short one is distilled
+    other = tmp_path / "teacher"
+    other.mkdir()
+    (other / "fastportrait.json").write_text("{}")
+    r = _quickstart(tmp_path, QS_TEACHER=str(other))
+    assert r.returncode == 0, r.stderr
+    assert f"train/decoder.py --config configs/decoder/tiny.yaml vae_model={other}" in r.stdout
+    assert f"decoder={tmp_path / 'qs' / 'decoder' / 'model'}" in r.stdout
