@@ -97,7 +97,7 @@ else
 fi
 
 # 6. tiny VAE decoder ---------------------------------------------------------------------------------------
-# The shipped decoder imitates the shipped teacher's VAE; a retrained teacher has another VAE (the fingerprint
+# The shipped decoder imitates the shipped teacher's VAE; a retrained teacher has another VAE (the signature
 # check in portrait/models/tiny_decoder.py would refuse it), so then a short distillation makes one.
 DECODER="${QS_DECODER:-}"
 if [[ -z "$DECODER" && -f portrait/assets/tiny_decoder/config.json ]] && [[ "$TEACHER" == portrait/assets/tiny_teacher ]]; then

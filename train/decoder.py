@@ -187,7 +187,7 @@ def main(cfg: DecoderTrainConfig) -> Path:
             if metrics:
                 accelerator.log({f"decoder/{k}": v for k, v in metrics.items()}, step=state.step)
             meta = {"title": f"fastportrait tiny VAE decoder (arch {cfg.arch})", "arch": cfg.arch, "vae_model": cfg.vae_model,
-                    "latent_scale": scale, "vae_fingerprint": TD.vae_fingerprint(vae), "steps": state.step, "samples_seen": state.samples_seen,
+                    "latent_scale": scale, "vae_signature": TD.vae_signature(vae), "steps": state.step, "samples_seen": state.samples_seen,
                     "train_minutes": round(state.wall_seconds / 60, 1), "data": str(data_path), "metrics": metrics,
                     "decoder_params": n_dec, "kl_decoder_params": n_kl, "config": config_lib.to_dict(cfg)}
             TD.save_tiny_decoder(tiny, export, meta)

@@ -105,11 +105,15 @@ def test_benchmark_counts_the_tiny_decoder_as_vae_decode(tiny_model):
 
 
 def test_a_decoder_of_another_vae_is_refused(tiny_model, tmp_path):
+    import copy
+
     from portrait.models import ModelConfig, Pose2VideoModel
 
-    own = TD.save_tiny_decoder(_tiny(), tmp_path / "own", {"vae_fingerprint": TD.vae_fingerprint(tiny_model.vae)})
+    own = TD.save_tiny_decoder(_tiny(), tmp_path / "own", {"vae_signature": TD.vae_signature(tiny_model.vae)})
     Pose2VideoPipeline(tiny_model, decoder=own)  # same VAE: accepted
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)  # the same VAE in bf16 (infer.animate --dtype bf16): accepted
+    Pose2VideoPipeline(half, decoder=own)
     other = Pose2VideoModel.from_config(ModelConfig(), seed=5)  # same shapes, other weights
-    assert TD.vae_fingerprint(other.vae) != TD.vae_fingerprint(tiny_model.vae)
+    assert not TD.signature_matches(TD.vae_signature(other.vae), TD.vae_signature(tiny_model.vae))
     with pytest.raises(TD.DecoderFolderError, match="distilled from another VAE"):
         Pose2VideoPipeline(other, decoder=own)
